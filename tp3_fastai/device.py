@@ -1,0 +1,85 @@
+"""Choosing the device and the precision that really runs; the only module that names CUDA."""
+from __future__ import annotations
+
+import platform
+import sys
+from contextlib import nullcontext
+from typing import Any, ContextManager
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The torch device for `device` ('auto', 'cpu', 'cuda', 'cuda:1'), with a clear error when CUDA is missing."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but this machine has no CUDA GPU: "
+                         "use --device cpu (or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device type {dev.type!r} is not supported: use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision that will really run: 'auto' is fp16 on CUDA and fp32 on CPU; fp16/bf16 need CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision in ("fp16", "bf16") and device.type != "cuda":
+        # fastai's MixedPrecision uses autocast('cuda'): on a CPU it would silently train in fp32.
+        raise ValueError(f"precision {precision} needs a CUDA GPU; on {device.type} use --precision fp32 "
+                         "(or auto, which picks fp32 there)")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bf16: use --precision fp16 or fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """An autocast context for a plain PyTorch loop matching fastai's mixed precision."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device (GPU model, or CPU with its thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def env_info(device: torch.device | None = None) -> dict[str, Any]:
+    """Library versions and device facts recorded with every run."""
+    import fastai
+    import timm
+    import torchvision
+
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "fastai": fastai.__version__,
+        "timm": timm.__version__,
+        "platform": platform.platform(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+        info["device_name"] = device_name(device)
+        if device.type == "cuda":
+            info["cuda"] = torch.version.cuda
+            info["cudnn"] = torch.backends.cudnn.version()
+    return info
