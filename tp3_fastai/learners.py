@@ -9,8 +9,8 @@ import fastai.callback.fp16  # noqa: F401  (patches Learner.to_fp16 / to_bf16)
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / fine_tune / lr_find)
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
+from fastai import learner as fastai_learner
+from fastai.callback.core import event
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from fastcore.basics import noop
@@ -18,6 +18,19 @@ from torch import nn
 
 from .curves import CurvesCallback
 from .models import create_model
+
+
+class Learner(fastai_learner.Learner):
+    """fastai's Learner, dispatching each training-loop event only to the callbacks that handle it."""
+
+    def _call_one(self, event_name: str) -> None:
+        if not hasattr(event, event_name):
+            raise ValueError(f"unknown training-loop event {event_name!r}")
+        for cb in self.cbs.sorted("order"):
+            # fastai calls every callback for every event, and a callback without that method misses through
+            # fastcore's attribute forwarding to the Learner: about 1 ms a batch on MNIST (measured here)
+            if event_name == "after_fit" or event_name in cb.__dict__ or hasattr(type(cb), event_name):
+                cb(event_name)
 
 
 def in_notebook() -> bool:
@@ -56,11 +69,11 @@ def setup_learner(learn: Learner, precision: str = "fp32", csv_path: str | Path 
 def mnist_learner(dls: DataLoaders, arch: str | nn.Module = "cnn", lr: float = 1e-3, precision: str = "fp32",
                   csv_path: str | Path | None = None, opt_func: Callable = Adam, progress: bool | None = None,
                   log: Callable[[str], None] | None = print, path: str | Path = ".") -> Learner:
-    """A Learner (cross-entropy, accuracy, fastai's Adam by default) for an MNIST model, recording curves."""
+    """A Learner (plain cross-entropy, accuracy, fastai's Adam by default) for an MNIST model, recording curves."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
     model = create_model(arch) if isinstance(arch, str) else arch
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, lr=lr, metrics=accuracy,
                     path=path)
     return setup_learner(learn, precision, csv_path, name=arch if isinstance(arch, str) else "",
                          progress=progress, log=log)

@@ -28,14 +28,14 @@ def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "c
         raise ValueError(f"epochs and batch size must be positive, got epochs={epochs}, bs={bs}")
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
+    t0 = time.perf_counter()
+    dls, test_dl = mnist_dls(source, seed=seed, bs=bs, device=dev)  # bad sources fail before any folder is made
     run = new_run_dir(out, overwrite)
     config = dict(source=str(source), archs=list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
                   device=str(dev), precision=prec, optimizer="fastai Adam (wd 0.01 decoupled)",
                   schedule="fit_one_cycle", env=env_info(dev))
     write_json(run / "config.json", config)
 
-    t0 = time.perf_counter()
-    dls, test_dl = mnist_dls(source, seed=seed, bs=bs, device=dev)
     log(f"data: {dls.splits.source}; split sizes {dls.splits.sizes()} ({time.perf_counter() - t0:.1f}s)")
     results, histories = [], {}
     for arch in archs:

