@@ -41,12 +41,13 @@ def mnist(
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
     out: str = "runs/mnist",  # run folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing run folder instead
+    resume: str = "",  # run folder of an interrupted run to continue (its saved arguments are used)
 ):
     "Part I: train the perceptron and the small CNN on MNIST; write curves, metrics and a summary."
     from .mnist import train_mnist
 
     run_guarded(train_mnist, source=source, archs=split_list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
-                device=device, precision=precision, out=out, overwrite=overwrite)
+                device=device, precision=precision, out=out, overwrite=overwrite, resume=resume or None)
 
 
 @call_parse
@@ -68,7 +69,25 @@ def bench_mnist(
         write_json(out, results)
 
 
-COMMANDS: dict[str, Callable] = {"mnist": mnist, "bench-mnist": bench_mnist}
+@call_parse
+def run(
+    parts: str = "mnist,transfer,rf",  # comma-separated parts: mnist, transfer, rf
+    mnist: str = "sample",  # MNIST source: sample, full or a folder
+    mnist_epochs: int = 10,  # epochs per MNIST model
+    device: str = "auto",  # auto, cpu or cuda
+    precision: str = "auto",  # auto, fp32, fp16 or bf16
+    seed: int = 42,  # seed of every part
+    out: str = "runs/practical",  # report folder (a new -2, -3, ... if it exists)
+    overwrite: bool = False,  # replace an existing report folder instead
+):
+    "The whole practical on the embedded data: every part, then report.md and report.html."
+    from .practical import run_practical
+
+    run_guarded(run_practical, parts=split_list(parts), mnist=mnist, mnist_epochs=mnist_epochs, device=device,
+                precision=precision, seed=seed, out=out, overwrite=overwrite)
+
+
+COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "bench-mnist": bench_mnist}
 
 
 def main(argv: list[str] | None = None) -> None:
