@@ -10,7 +10,6 @@ ARGS   ?=
 
 $(VENV)/.stamp-%: setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[$*]"
 	touch $@
 
