@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
+from fastai.torch_core import get_model
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -42,7 +43,8 @@ def _plain(o: Any) -> Any:
 def save_checkpoint(learn: Learner, path: str | Path, epoch: int, metric: float | None = None) -> Path:
     """Model and optimizer state after `epoch` completed epochs (plain tensors and numbers only)."""
     opt = _plain(learn.opt.state_dict()) if learn.opt is not None else None
-    return atomic_torch_save({"model": learn.model.state_dict(), "opt": opt, "epoch": epoch, "metric": metric},
+    model = get_model(learn.model)  # the bare model, also inside DistributedDataParallel (no `module.` prefix)
+    return atomic_torch_save({"model": model.state_dict(), "opt": opt, "epoch": epoch, "metric": metric},
                              path)
 
 
@@ -52,7 +54,7 @@ def load_checkpoint(learn: Learner, path: str | Path) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    learn.model.load_state_dict(ck["model"])
+    get_model(learn.model).load_state_dict(ck["model"])
     if ck["opt"] is not None:
         if learn.opt is None:
             learn.create_opt()

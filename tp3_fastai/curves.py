@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from fastai.callback.core import Callback
+from torch.nn.parallel import DistributedDataParallel
 
 COLUMNS = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds")
 
@@ -17,7 +19,9 @@ class CurvesCallback(Callback):
     """Epoch-mean train and valid loss/accuracy, and wall time, appended to a CSV as each epoch ends.
 
     Unlike fastai's Recorder (whose train_loss is an exponential moving average), every value here is the
-    exact mean over the epoch's batches. Sums stay on the device and sync once per epoch.
+    exact mean over the epoch's batches. Sums stay on the device and sync once per epoch. In data-parallel
+    training (the model wrapped in DistributedDataParallel, each process seeing its shard of the data) the
+    sums are added up across processes first, so every rank holds the metrics of the whole epoch.
     """
     order = 60  # after Recorder (50), before ProgressCallback's epoch output
 
@@ -51,7 +55,17 @@ class CurvesCallback(Callback):
         self.sums[p + "c"] += correct
         self.sums[p + "n"] += bs
 
+    def _all_reduce(self) -> None:
+        """Sum the epoch's sums over the processes of a data-parallel run (one collective per epoch)."""
+        if not (isinstance(self.learn.model, DistributedDataParallel) and dist.is_initialized()):
+            return
+        keys = list(self.sums)
+        total = torch.stack([self.sums[k] for k in keys])
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        self.sums = dict(zip(keys, total.unbind()))
+
     def after_epoch(self) -> None:
+        self._all_reduce()
         s = {k: float(v) for k, v in self.sums.items()}
         if s["tn"] == 0:  # `learn.validate()` fires epoch events too: not a training epoch
             return

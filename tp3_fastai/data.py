@@ -140,34 +140,80 @@ class TensorLoader:
 
     fastai's generic DataLoader collates item by item, about 9x slower than slicing (measured here); a Learner
     only needs `__len__`, `__iter__` yielding (x, y), `to(device)` and `new(...)` (used by `get_preds`).
+    `shard(rank, world)` gives one process of a data-parallel run its part of every batch (see there).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 64, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, device: torch.device | str = "cpu"):
+                 drop_last: bool = False, seed: int = 0, device: torch.device | str = "cpu",
+                 rank: int = 0, world: int = 1, gen: torch.Generator | None = None):
         if bs <= 0:
             raise ValueError(f"batch size must be positive, got {bs}")
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"rank must lie in [0, world) with world >= 1, got rank={rank}, world={world}")
         self.x, self.y, self.bs, self.shuffle, self.drop_last, self.seed = x, y, bs, shuffle, drop_last, seed
+        self.rank, self.world = rank, world
         self.device = torch.device(device)
-        self.gen = torch.Generator().manual_seed(seed)  # CPU generator: same order on every device
+        # CPU generator: same order on every device; shared by shards, so every rank draws the same permutation
+        self.gen = gen if gen is not None else torch.Generator().manual_seed(seed)
         self.to(self.device)
 
     @property
     def n(self) -> int:
         return len(self.y)
 
+    @property
+    def n_local(self) -> int:
+        """Items this loader yields per epoch: all of them, or a shard's ceil(n / world)."""
+        return -(-self.n // self.world)
+
     def __len__(self) -> int:
-        return self.n // self.bs if self.drop_last else -(-self.n // self.bs)
+        return self.n_local // self.bs if self.drop_last else -(-self.n_local // self.bs)
+
+    def _order(self) -> torch.Tensor | None:
+        """This epoch's item indices, or None for 0..n-1 in order (a single unshuffled process slices views)."""
+        perm = torch.randperm(self.n, generator=self.gen) if self.shuffle else None
+        if self.world == 1:
+            return perm
+        if perm is None:
+            perm = torch.arange(self.n)
+        total, b = self.n_local * self.world, self.bs
+        if total > self.n:  # pad by wrapping round, as torch's DistributedSampler does: world - 1 repeats at most
+            perm = perm.repeat(-(-total // self.n))[:total]
+        # Global batch i is perm[i*b*world : (i+1)*b*world], the batch one process with batch size b*world would
+        # take; rank r takes its r-th part. The tail (fewer than b*world items) is split in `world` equal parts.
+        full = (self.n_local // b) * b * self.world
+        head = perm[:full].view(-1, self.world, b)[:, self.rank].reshape(-1)
+        tail = perm[full:].view(self.world, -1)[self.rank]
+        return torch.cat([head, tail])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = torch.randperm(self.n, generator=self.gen).to(self.device) if self.shuffle else None
+        idx = self._order()
+        idx = idx.to(self.device) if idx is not None else None
         for i in range(len(self)):
             sl = slice(i * self.bs, (i + 1) * self.bs)
             if idx is None:
                 yield self.x[sl], self.y[sl]
             else:
                 yield self.x[idx[sl]], self.y[idx[sl]]
+
+    def shard(self, rank: int, world: int) -> "TensorLoader":
+        """This process's share for data-parallel training over `world` processes: the same tensors, batch size
+        `bs // world`, and the `rank`-th part of every batch that this loader would yield in one process.
+
+        Every rank draws the same seeded permutation each epoch (the generator is shared, and seeded alike on
+        every rank) and takes a disjoint 1/world of it; n is padded to a multiple of `world` by repeating the
+        first items, so every rank runs the same number of equally sized batches (DDP waits for all of them).
+        With gradients averaged across ranks, a step sees exactly the batch a single process would see.
+        """
+        if self.world != 1:
+            raise ValueError(f"this loader is already rank {self.rank}'s shard of {self.world}")
+        if self.bs % world:
+            raise ValueError(f"batch size {self.bs} is not divisible by {world} processes: the batch is split "
+                             f"evenly across processes, choose a multiple of {world}")
+        return TensorLoader(self.x, self.y, self.bs // world, self.shuffle, self.drop_last, self.seed, self.device,
+                            rank=rank, world=world, gen=self.gen)
 
     def to(self, device: torch.device | str) -> "TensorLoader":
         self.device = torch.device(device)
@@ -177,9 +223,10 @@ class TensorLoader:
 
     def new(self, shuffle: bool | None = None, drop_last: bool | None = None, bs: int | None = None,
             **kwargs) -> "TensorLoader":
-        """A copy with other batching options over the same tensors."""
+        """A copy with other batching options over the same tensors (and the same shard)."""
         return TensorLoader(self.x, self.y, bs or self.bs, self.shuffle if shuffle is None else shuffle,
-                            self.drop_last if drop_last is None else drop_last, self.seed, self.device)
+                            self.drop_last if drop_last is None else drop_last, self.seed, self.device,
+                            rank=self.rank, world=self.world)
 
     def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         return next(iter(self))
