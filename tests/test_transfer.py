@@ -235,6 +235,10 @@ def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_pat
     path, label, prob = capsys.readouterr().out.strip().split("\t")
     assert path == str(image) and label in ("face", "non_face") and 0.5 <= float(prob) <= 1
     assert predict(out / "model.pkl", image) == (label, pytest.approx(float(prob), abs=1e-4))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"no image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        predict(out / "model.pkl", bad)
 
 
 def _script(name: str):

@@ -74,6 +74,8 @@ def run(
     parts: str = "mnist,transfer,rf",  # comma-separated parts: mnist, transfer, rf
     mnist: str = "sample",  # MNIST source: sample, full or a folder
     mnist_epochs: int = 10,  # epochs per MNIST model
+    images: str = "lfw",  # Part II image folder: lfw (embedded), hymenoptera, pets, imagenette or a folder
+    ks: str = "5,20",  # Part II: labelled target images per class in the label-efficiency study
     device: str = "auto",  # auto, cpu or cuda
     precision: str = "auto",  # auto, fp32, fp16 or bf16
     seed: int = 42,  # seed of every part
@@ -83,7 +85,8 @@ def run(
     "The whole practical on the embedded data: every part, then report.md and report.html."
     from .practical import run_practical
 
-    run_guarded(run_practical, parts=split_list(parts), mnist=mnist, mnist_epochs=mnist_epochs, device=device,
+    run_guarded(run_practical, parts=split_list(parts), mnist=mnist, mnist_epochs=mnist_epochs, images=images,
+                ks=[int(k) for k in split_list(ks)], device=device,
                 precision=precision, seed=seed, out=out, overwrite=overwrite)
 
 

@@ -49,6 +49,7 @@ def to_html(title: str, sections: Sequence[Section]) -> str:
         body.append(f'<section id="s{i}"><h2>{html.escape(s.title)}</h2>')
         body += [f"<p>{_inline(p)}</p>" for p in s.paragraphs]
         for rows, cols in s.tables:
+            cols = list(cols or (rows[0] if rows else []))
             head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
             trs = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                           for r in rows)

@@ -374,16 +374,25 @@ def export_learner(learn: Learner, path: str | Path) -> Path:
     return path
 
 
-def predict(model_path: str | Path, image_path: str | Path) -> tuple[str, float]:
-    """(label, probability) of an image file by a model exported by finetune_experiment.
+def load_model(model_path: str | Path) -> Learner:
+    """A model exported by finetune_experiment, on the CPU, ready for `predict`.
 
     `load_learner` unpickles the file, which can run code: acceptable here because the model file is one this
     package wrote on the user's own machine. Never pass a model file from someone else.
     """
-    model_path, image_path = Path(model_path), Path(image_path)
+    model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"model file {model_path} does not exist: run scripts/finetune.py first "
                                 "(it writes model.pkl into its run folder)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fastai warns that pickle is unsafe: see the docstring
+        return load_learner(model_path, cpu=True)
+
+
+def predict(model: str | Path | Learner, image_path: str | Path) -> tuple[str, float]:
+    """(label, probability) of an image file by an exported model (a path, see load_model) or a loaded Learner."""
+    image_path = Path(image_path)
+    learn = model if isinstance(model, Learner) else load_model(model)
     if not image_path.is_file():
         raise FileNotFoundError(f"image file {image_path} does not exist")
     from fastai.vision.core import PILImage
@@ -393,9 +402,6 @@ def predict(model_path: str | Path, image_path: str | Path) -> tuple[str, float]
         image = PILImage.create(image_path)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {image_path}: {e}") from e
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fastai warns that pickle is unsafe: see the docstring
-        learn = load_learner(model_path, cpu=True)
     with learn.no_bar():
         label, idx, probs = learn.predict(image)
     return str(label), float(probs[int(idx)])
