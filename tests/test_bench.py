@@ -1,0 +1,240 @@
+"""The training-mode benchmark: timing helpers, the modes' trainable parameters, the tuned fastai loop, and a
+--quick smoke run of scripts/bench_freeze.py on the CPU checking the outputs' structure and consistency."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.data.core import DataLoaders
+from PIL import Image
+from torch import nn
+
+from tp3_fastai.bench import (FREEZE_MODES, LOOPS, BatchLoader, HostReadCounter, LearnerLoop, PlainLoop,
+                              bench_markdown, lever_skip_reason, mode_learner, resolve_config, spread,
+                              synthetic_batches, trainable_names, tune_learner)
+from tp3_fastai.features import feature_split
+from tp3_fastai.learners import Learner
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "resnet18"
+CPU = torch.device("cpu")
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a CPU shared with other jobs, OpenMP threads waiting on each other slow steps tenfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def syn():
+    batches = synthetic_batches(2, 4, 32, 2, CPU, seed=0)
+    dls = DataLoaders(BatchLoader(batches, 1), BatchLoader([], 0), device=CPU)
+    dls.c = 2
+    return dls, batches
+
+
+def _bn_param_names(model: nn.Module, prefix: str) -> set[str]:
+    return {f"{prefix}{m}.{p}" for m, mod in model.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) for p, _ in mod.named_parameters(recurse=False)}
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_modes_train_exactly_the_expected_parameters(syn):
+    dls, batches = syn
+    learners = {m: mode_learner(dls, ARCH, m, seed=0) for m in FREEZE_MODES}
+    model = learners["unfrozen"].model
+    every = {n for n, _ in model.named_parameters()}
+    head = {f"1.{n}" for n, _ in model[1].named_parameters()}
+    body_bn = _bn_param_names(model[0], "0.")
+    assert trainable_names(learners["unfrozen"].model) == every
+    assert trainable_names(learners["frozen_train_bn"].model) == head | body_bn  # fastai's default
+    assert trainable_names(learners["frozen"].model) == head  # train_bn=False: exactly the head
+    _, cached_head = feature_split(learners["precomputed"].model)
+    assert {id(p) for p in cached_head.parameters()} == {id(p) for p in model[1].parameters()} or \
+        len(list(cached_head.parameters())) == len(list(model[1].parameters()))
+    # same seed: every mode starts from the same weights
+    for m in FREEZE_MODES:
+        for (n, a), b in zip(model.state_dict().items(), learners[m].model.state_dict().values()):
+            assert torch.equal(a, b), (m, n)
+
+    # a frozen (train_bn=False) step moves the head only: body weights and BatchNorm statistics stay
+    frozen = learners["frozen"].model
+    body_before = copy.deepcopy(frozen[0].state_dict())
+    head_before = copy.deepcopy(frozen[1].state_dict())
+    PlainLoop(frozen, CPU, lr=1e-2, bn_eval=True).run(BatchLoader(batches, 3), 1, 1, 2)
+    assert all(torch.equal(v, body_before[k]) for k, v in frozen[0].state_dict().items())
+    assert any(not torch.equal(v, head_before[k]) for k, v in frozen[1].state_dict().items())
+
+
+def test_timing_helpers_and_levers_on_cpu(syn):
+    dls, batches = syn
+    s = spread([3.0, 1.0, 2.0])
+    assert s == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert lever_skip_reason(CPU, "fp32", None) is None
+    assert lever_skip_reason(CPU, "fp16", None) == lever_skip_reason(CPU, "bf16", None) == "skipped: needs CUDA"
+    assert lever_skip_reason(CPU, "fp32", True) == "skipped: needs CUDA"  # cudnn.benchmark
+    with pytest.raises(ValueError, match="precision"):
+        lever_skip_reason(CPU, "fp8", None)
+    assert resolve_config(quick=True)["arch"] == "resnet18" and resolve_config()["arch"] == "resnet50"
+    assert resolve_config(quick=True, bs=4)["bs"] == 4
+    with pytest.raises(ValueError, match="positive"):
+        resolve_config(steps=0)
+
+    loop = PlainLoop(mode_learner(dls, ARCH, "frozen", 0).model, CPU, bn_eval=True)
+    times = loop.run(BatchLoader(batches, 1 + 2 * 3), warmup=1, steps=2, groups=3)
+    assert len(times) == 3 and all(t > 0 for t in times) and loop.warmup_s > 0
+    with pytest.raises(ValueError, match="fewer"):
+        loop.run(BatchLoader(batches, 2), warmup=1, steps=2, groups=1)
+    learn_loop = LearnerLoop(mode_learner(dls, ARCH, "frozen", 0), CPU)
+    times = learn_loop.run(BatchLoader(batches, 1 + 2 * 2), warmup=1, steps=2, groups=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_tuned_learner_trains_the_same_and_reads_the_host_less(syn):
+    """tune_learner removes per-batch costs, not maths: the same weights after the same steps; and fastai's
+    smoothed loss read-back (`.cpu()` every batch, a GPU sync) is gone."""
+    dls, batches = syn
+    package = mode_learner(dls, ARCH, "frozen", 0)
+    tuned = mode_learner(dls, ARCH, "frozen", 0, tuned=True)
+    assert isinstance(tuned, Learner) and type(package) is not type(tuned)
+    for learn in (package, tuned):
+        torch.manual_seed(0)
+        LearnerLoop(learn, CPU).run(BatchLoader(batches, 4), 1, 3, 1)
+    for (n, a), b in zip(package.model.state_dict().items(), tuned.model.state_dict().values()):
+        assert torch.allclose(a, b), n
+    assert len(tuned.recorder.losses) == 4 and all(t.device.type == "cpu" for t in tuned.recorder.losses)
+    assert torch.allclose(torch.stack(package.recorder.losses), torch.stack(tuned.recorder.losses))
+
+    def reads(loop):
+        counts = []
+        for steps in (1, 2):
+            with HostReadCounter(CPU) as c:
+                loop.run(BatchLoader(batches, 1 + steps), 1, steps, 1)
+            counts.append(c.total)
+        return counts[1] - counts[0]
+
+    assert reads(PlainLoop(copy.deepcopy(package.model), CPU, bn_eval=True)) == 0
+    assert reads(LearnerLoop(package, CPU)) >= 1  # AvgSmoothLoss: to_detach(..., cpu=True) every batch
+    assert reads(LearnerLoop(tuned, CPU)) == 0
+
+
+def test_tuned_learner_still_exports_and_predicts(tmp_path):
+    """tune_learner changes classes and callbacks of a resnet_learner: export and predict must keep working."""
+    from tp3_fastai.image_data import image_dls
+    from tp3_fastai.transfer import export_learner, predict, resnet_learner, valid_predictions
+
+    dls = image_dls("lfw", size=32, bs=16, aug="default", cache_dir=tmp_path / "cache")
+    learn = tune_learner(resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path))
+    learn.fit_one_cycle(1, 1e-3)
+    assert len(learn.recorder.losses) == len(dls.train) and learn.recorder.losses[0].device.type == "cpu"
+    probs, targs = valid_predictions(learn)
+    assert probs.shape == (50, 2) and torch.allclose(probs.sum(1), torch.ones(50))
+    model = export_learner(learn, tmp_path / "model.pkl")
+    image = next((tmp_path / "cache" / "lfw" / "valid" / "face").iterdir())
+    label, p = predict(model, image)
+    assert label in ("face", "non_face") and 0 <= p <= 1
+
+
+def test_quick_smoke_run_writes_consistent_outputs(tmp_path):
+    """--quick through the script's command function, shrunk further by its arguments to stay short on 2 cores."""
+    bench_freeze = _script("bench_freeze").bench_freeze
+    out = tmp_path / "bench"
+    threads_before = torch.get_num_threads()
+    r = bench_freeze(quick=True, size=32, bs=4, steps=1, repeats=2, warmup=1, jpeg_images=40, epoch_images=100,
+                     overhead_modes="frozen,precomputed", pipeline_modes="frozen", device="cpu", out=str(out),
+                     cache_dir=str(tmp_path / "cache"), threads=1)  # one thread: robust on a shared CPU
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "bench.png", "config.json"}
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["grid"] == json.loads(json.dumps(r["grid"]))
+    config = json.loads((out / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["size"] == 32 and config["quick"] is True
+    assert config["env"]["torch_threads"] == 1 and torch.get_num_threads() == threads_before
+    for key in ("torch", "fastai", "timm", "device_name", "torch_threads"):
+        assert config["env"][key]
+    assert len(config["load_average_start"]) == 3
+
+    grid = r["grid"]
+    assert grid[0]["baseline"] and (grid[0]["mode"], grid[0]["precision"]) == ("unfrozen", "fp32")
+    assert len(grid) == 4 * 3 * 2  # modes x precisions x formats, cudnn.benchmark n/a on CPU
+    ok = [g for g in grid if g["status"] == "ok"]
+    assert {(g["mode"], g["memory_format"]) for g in ok} == {(m, f) for m in FREEZE_MODES
+                                                             for f in ("contiguous", "channels_last")}
+    assert all(g["precision"] == "fp32" for g in ok)
+    assert all(g["status"] == "skipped: needs CUDA" for g in grid if g["precision"] != "fp32")
+    for g in ok:
+        ms = g["step_ms"]
+        assert 0 < ms["min"] <= ms["median"] <= ms["max"] and ms["n"] == 2
+        assert g["images_per_s"] == pytest.approx(4 / (ms["median"] / 1000))
+        assert g["speedup_vs_baseline"] == pytest.approx(g["images_per_s"] / grid[0]["images_per_s"])
+        assert g["epoch_s"] == pytest.approx(100 / g["images_per_s"]) and g["peak_memory_mb"] is None
+        assert 0 < g["trainable_params"] <= g["total_params"]
+    assert grid[0]["speedup_vs_baseline"] == 1.0
+    by_mode = {g["mode"]: g for g in ok if g["memory_format"] == "contiguous"}
+    params = {m: by_mode[m]["trainable_params"] for m in FREEZE_MODES}
+    assert params["unfrozen"] > params["frozen_train_bn"] > params["frozen"] == params["precomputed"]
+    pre = by_mode["precomputed"]
+    assert pre["cache_images_per_s"] > 0 and pre["cache_s"] == pytest.approx(100 / pre["cache_images_per_s"])
+    assert pre["estimate_s"] == pytest.approx(pre["cache_s"] + 5 * pre["epoch_s"])
+    assert "n/a on CPU" in r["memory_note"]
+
+    over = r["overhead"]
+    assert {(o["mode"], o["loop"]) for o in over} == {(m, l) for m in ("frozen", "precomputed") for l in LOOPS}
+    for o in over:
+        assert o["images_per_s"] > 0 and o["ratio_vs_plain"] > 0
+        if o["loop"] == "plain":
+            assert o["ratio_vs_plain"] == 1.0 and o["host_reads_per_step"] == 0
+    assert all(o["host_reads_per_step"] == 0 for o in over if o["loop"] == "tuned")
+    assert all(o["host_reads_per_step"] >= 1 for o in over if o["loop"] == "package")
+
+    pipe = r["pipeline"]
+    assert pipe["loader"]["images_per_s"] > 0 and pipe["loader"]["workers"] == 0
+    assert {(p["loop"], p["data"]) for p in pipe["rows"]} == {("plain", "synthetic"), ("plain", "real"),
+                                                              ("package", "real"), ("tuned", "real")}
+    assert all(p["images_per_s"] > 0 for p in pipe["rows"])
+
+    md = (out / "bench.md").read_text()
+    assert md == bench_markdown(saved)
+    for text in ("| mode | precision | format |", "skipped: needs CUDA", "(baseline)", "x plain step time",
+                 "Loader alone", "load average"):
+        assert text in md
+    with Image.open(out / "bench.png") as im:
+        assert im.size[0] > 500 and im.size[1] > 200
+
+
+def test_mnist_loop_benchmark_keeps_its_result():
+    from tp3_fastai.bench import bench_mnist_loop
+
+    lines = []
+    r = bench_mnist_loop(arch="mlp", epochs=1, repeats=1, device="cpu", log=lines.append)
+    assert r["optimizer"] == "torch.optim.Adam" and r["train_images"] + r["valid_images"] == 4000
+    assert r["fastai_epoch_s"]["median"] > 0 and r["plain_epoch_s"]["median"] > 0
+    assert r["ratio"] == pytest.approx(r["fastai_epoch_s"]["median"] / r["plain_epoch_s"]["median"])
+    assert "ratio" in lines[0]
+
+
+def test_script_help_and_errors():
+    from fastcore.script import anno_parser
+
+    help_text = anno_parser(_script("bench_freeze").bench_freeze).format_help()
+    for flag in ("--quick", "--compile", "--arch", "--precisions", "--formats", "--cudnn-benchmark", "--threads"):
+        assert flag in help_text
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_freeze.py"), "--modes", "frozn",
+                          "--quick", "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown benchmark mode 'frozn'")
+    assert len(bad.stderr.strip().splitlines()) == 1
