@@ -9,7 +9,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_there_are_notebooks_to_run():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03"][:len(NOTEBOOKS)] and NOTEBOOKS
+    assert {p.name[:2] for p in NOTEBOOKS} >= {"01", "03"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -20,4 +20,5 @@ def test_notebook_executes_without_error(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert "test accuracy" in printed or "R" in printed
+    expected = {"01": "cnn: test accuracy", "02": "weights:", "03": "agrees: True"}[path.name[:2]]
+    assert expected in printed

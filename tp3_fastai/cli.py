@@ -75,7 +75,10 @@ def run(
     mnist: str = "sample",  # MNIST source: sample, full or a folder
     mnist_epochs: int = 10,  # epochs per MNIST model
     images: str = "lfw",  # Part II image folder: lfw (embedded), hymenoptera, pets, imagenette or a folder
-    ks: str = "5,20",  # Part II: labelled target images per class in the label-efficiency study
+    arch: str = "resnet50",  # Part II: timm architecture
+    transfer_epochs: int = 3,  # Part II: epochs per mode
+    pretrained: bool = False,  # Part II: ImageNet weights from the timm/Hugging Face hub (needs internet)
+    weights: str = "",  # Part II: a local weights file (state dict or safetensors) for the body
     device: str = "auto",  # auto, cpu or cuda
     precision: str = "auto",  # auto, fp32, fp16 or bf16
     seed: int = 42,  # seed of every part
@@ -86,7 +89,7 @@ def run(
     from .practical import run_practical
 
     run_guarded(run_practical, parts=split_list(parts), mnist=mnist, mnist_epochs=mnist_epochs, images=images,
-                ks=[int(k) for k in split_list(ks)], device=device,
+                arch=arch, transfer_epochs=transfer_epochs, weights=weights or pretrained, device=device,
                 precision=precision, seed=seed, out=out, overwrite=overwrite)
 
 

@@ -26,6 +26,28 @@ def mnist_section(run: Path, summary: dict) -> Section:
     )
 
 
+def transfer_section(run: Path, folder: dict) -> Section:
+    """Report section of Part II from the image-folder experiment's summary."""
+    rel = lambda p: str(Path(p).relative_to(run))  # noqa: E731
+    modes = [dict(mode=m, weights=r["weights"].split(" (sha256")[0], trainable_params=r["trainable_params"],
+                  params=r["params"], sec_per_epoch=r["sec_per_epoch"],
+                  best_valid_accuracy=r["best_valid_accuracy"]) for m, r in folder["modes"].items()]
+    return Section(
+        "Part II: transfer learning, scratch vs fine-tune vs frozen",
+        [f"**Where the weights came from: {folder['weights']}.** "
+         + ("ImageNet weights cannot be downloaded offline, so every mode starts from the same random init and the "
+            "comparison shows the mechanics (what trains, what it costs), not the benefit of pretraining. Pass "
+            "`--pretrained True` online or `--weights PATH` (a state dict or safetensors file) for a real transfer."
+            if folder["weights"] == "random init" else ""),
+         f"Data: {folder['data']['source']}, {folder['size']} px, {folder['epochs']} epochs per mode, "
+         f"device {folder['device_name']}, precision {folder['precision']}."],
+        [(modes, ("mode", "weights", "trainable_params", "params", "sec_per_epoch", "best_valid_accuracy"))],
+        [(rel(Path(folder["run_dir"]) / "show_batch.png"), "An augmented training batch"),
+         (rel(Path(folder["run_dir"]) / "comparison.png"), f"The three modes ({folder['arch']}): loss and accuracy"),
+         (rel(Path(folder["run_dir"]) / "predictions.png"), f"Predictions of the best mode ({folder['best_mode']})")],
+    )
+
+
 RF_LAYERS = "conv1,maxpool,layer1.0,layer1,layer2,layer3,layer4,global_pool*,fc"
 
 
@@ -51,7 +73,9 @@ def rf_section(run: Path, table: dict, erf: dict) -> Section:
 
 
 def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epochs: int = 10,
-                  device: str = "auto", precision: str = "auto", out: str | Path = "runs/practical",
+                  images: str | Path = "lfw", arch: str = "resnet50", transfer_epochs: int = 3,
+                  weights: bool | str | Path = False, device: str = "auto",
+                  precision: str = "auto", out: str | Path = "runs/practical",
                   overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print) -> Path:
     """Run the chosen parts into one folder and write report.md and report.html there; returns the folder."""
     unknown = set(parts) - set(PARTS)
@@ -70,6 +94,16 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                               out=run / "part1_mnist", overwrite=True, log=log)
         timings["mnist"] = time.perf_counter() - t
         sections.append(mnist_section(run, summary))
+    if "transfer" in parts:
+        from .transfer import finetune_experiment
+
+        log("== Part II: transfer learning ==")
+        t = time.perf_counter()
+        folder = finetune_experiment(images, arch=arch, size=64, bs=16, epochs=transfer_epochs, pretrained=weights,
+                                     seed=seed, device=device, precision=precision, out=run / "part2_transfer",
+                                     overwrite=True, log=log)
+        timings["transfer"] = time.perf_counter() - t
+        sections.append(transfer_section(run, folder))
     if "rf" in parts:
         from .receptive_field import receptive_field_run
 

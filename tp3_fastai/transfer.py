@@ -131,7 +131,7 @@ def load_body_weights(body: nn.Module, path: str | Path, n_in: int = 3) -> dict[
         if k in sd and sd[k].ndim == 4 and sd[k].shape[1] != own[k].shape[1]:
             from timm.models import adapt_input_conv
 
-            sd[k] = adapt_input_conv(own[k].shape[1], sd[k])  # like timm's pretrained loading
+            sd[k] = adapt_input_conv(own[k].shape[1], sd[k], base_chans=sd[k].shape[1])  # as timm adapts in_chans
             adapted.append(k)
     bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if sd[k].shape != own[k].shape]
     if bad:
