@@ -1,8 +1,11 @@
 """The `tp3` console command and the command-line functions that the scripts in scripts/ expose."""
 from __future__ import annotations
 
+import inspect
+import shlex
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 from fastcore.script import anno_parser, call_parse
@@ -27,6 +30,24 @@ def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
 def split_list(s: str) -> list[str]:
     """'a, b,c' -> ['a', 'b', 'c']."""
     return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def int_list(s: str, what: str) -> list[int]:
+    """'5,10,20' -> [5, 10, 20], with a clear error."""
+    try:
+        return [int(v) for v in split_list(s)]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it again (for run folders and reports)."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    name = Path(sys.argv[0]).name
+    if name.endswith(".py") and not name.startswith("pytest"):
+        return shlex.join(["python", sys.argv[0], *sys.argv[1:]])
+    return shlex.join(["tp3", *sys.argv[1:]]) if name == "tp3" else ""
 
 
 @call_parse
@@ -74,33 +95,232 @@ def run(
     parts: str = "mnist,transfer,rf",  # comma-separated parts: mnist, transfer, rf
     mnist: str = "sample",  # MNIST source: sample, full or a folder
     mnist_epochs: int = 10,  # epochs per MNIST model
-    images: str = "lfw",  # Part II image folder: lfw (embedded), hymenoptera, pets, imagenette or a folder
-    arch: str = "resnet50",  # Part II: timm architecture
-    transfer_epochs: int = 3,  # Part II: epochs per mode
+    ks: str = "10,50",  # Part II offline study: labelled target digits per class, comma-separated
+    seeds: str = "0,1",  # Part II offline study: seeds, comma-separated
+    images: str = "",  # Part II image-folder experiment instead: lfw (embedded), hymenoptera, pets, imagenette or a folder
+    arch: str = "resnet50",  # Part II image-folder experiment: timm architecture
+    transfer_epochs: int = 3,  # Part II image-folder experiment: epochs per mode
     pretrained: bool = False,  # Part II: ImageNet weights from the timm/Hugging Face hub (needs internet)
     weights: str = "",  # Part II: a local weights file (state dict or safetensors) for the body
     device: str = "auto",  # auto, cpu or cuda
     precision: str = "auto",  # auto, fp32, fp16 or bf16
-    seed: int = 42,  # seed of every part
+    seed: int = 42,  # seed of Parts I and III (and of the image-folder experiment)
     out: str = "runs/practical",  # report folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing report folder instead
 ):
     "The whole practical on the embedded data: every part, then report.md and report.html."
     from .practical import run_practical
 
-    run_guarded(run_practical, parts=split_list(parts), mnist=mnist, mnist_epochs=mnist_epochs, images=images,
-                arch=arch, transfer_epochs=transfer_epochs, weights=weights or pretrained, device=device,
+    def checked(ks: str, seeds: str, parts: str, pretrained: bool, weights: str, **kwargs):
+        if pretrained and weights:
+            raise ValueError("give either --pretrained (hub weights) or --weights PATH (a local file), not both")
+        return run_practical(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), parts=split_list(parts),
+                             weights=weights or pretrained, **kwargs)
+
+    run_guarded(checked, parts=parts, mnist=mnist, mnist_epochs=mnist_epochs, ks=ks, seeds=seeds, images=images,
+                arch=arch, transfer_epochs=transfer_epochs, pretrained=pretrained, weights=weights, device=device,
                 precision=precision, seed=seed, out=out, overwrite=overwrite)
 
 
-COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "bench-mnist": bench_mnist}
+@call_parse
+def finetune(
+    data: str = "lfw",  # 'lfw' (200 embedded images, offline), 'hymenoptera', 'pets', 'imagenette' or a folder
+    arch: str = "resnet50",  # any timm model name
+    size: int = None,  # image side in pixels (default: 64 for lfw, 224 otherwise)
+    bs: int = 32,  # batch size
+    epochs: int = 5,  # passes over the training set per mode (finetune's frozen epochs included)
+    modes: str = "scratch,finetune,frozen",  # comma list of modes to run
+    pretrained: bool = False,  # ImageNet weights from the timm / Hugging Face hub (needs internet)
+    weights: str = None,  # local weights file (.safetensors or .pth state dict) for finetune and frozen
+    lr: float = 2e-3,  # learning rate (finetune: head lr; then lr/200 body, lr/2 head)
+    freeze_epochs: int = 1,  # finetune: epochs on the head alone before unfreezing
+    train_bn: bool = True,  # freeze BatchNorm with the body (fastai trains it by default: the backward pass then runs through the whole body)
+    precision: str = "auto",  # auto, fp32, fp16 or bf16 (fp16/bf16 need CUDA)
+    channels_last: bool = False,  # channels_last memory format (helps tensor cores on CUDA)
+    aug: str = "default",  # none, default, noflip, or e.g. 'flip=0,rot=10,zoom=1.1,light=0.2,crop=0.35'
+    seed: int = 42,  # random seed (same head init and batch order for every mode)
+    device: str = "auto",  # auto, cpu, cuda or cuda:N
+    out: str = "runs/finetune",  # run folder (a new -2, -3, ... folder if it holds files)
+    overwrite: bool = False,  # replace the run folder instead
+    cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written once
+):
+    "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
+    from .transfer import finetune_experiment
+
+    def checked(pretrained, weights, modes, **kwargs):
+        if pretrained and weights:
+            raise ValueError("give either --pretrained (hub weights) or --weights PATH (a local file), not both")
+        return finetune_experiment(pretrained=weights or pretrained, modes=split_list(modes), **kwargs)
+
+    run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
+                weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
+                channels_last=channels_last, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
+                cache_dir=cache_dir)
+
+
+@call_parse
+def predict(
+    model: str,  # model.pkl written by a finetune run (unpickled: only use files you made)
+    *images: str,  # image files to classify
+):
+    "Print the predicted label and its probability for each image."
+    from .transfer import load_model, predict as predict_one
+
+    def classify(model: str, images: tuple[str, ...]) -> None:
+        if not images:
+            raise ValueError("give at least one image file after the model file")
+        learn = load_model(model)  # once, however many images
+        for image in images:
+            label, prob = predict_one(learn, image)
+            print(f"{image}\t{label}\t{prob:.4f}")
+
+    run_guarded(classify, model=model, images=images)
+
+
+@call_parse
+def pretrain(
+    arch: str = "resnet10t",  # timm model name (any timm CNN; resnet10t: better and cheaper than resnet18 here)
+    size: int = 32,  # input size in pixels (MNIST's 28 px digits are padded to it)
+    n_in: int = 1,  # input channels of the body
+    epochs: int = 4,  # epochs of fit_one_cycle on the source task
+    lr: float = 5e-3,  # maximum learning rate
+    bs: int = 64,  # batch size
+    seed: int = 0,  # seed of the initialisation and batch order
+    source: str = "mnist",  # 'mnist' (embedded digits, source classes below) or an image folder <path>/<class>/*
+    source_classes: str = "0,1,2,3,4",  # MNIST digits of the source task (the others are the target)
+    cache_dir: str = "~/.cache/tp3_fastai/bodies",  # where bodies are cached (file name from the configuration)
+    retrain: bool = False,  # train again even if the cache holds this configuration
+    device: str = "auto",  # auto, cpu or cuda
+    precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
+):
+    "Pretrain a body on the source task (or take it from the cache); print what it is and where it lies."
+    from .pretrain import describe_body, pretrained_body
+
+    path, info = run_guarded(pretrained_body, arch=arch, size=size, n_in=n_in, epochs=epochs, lr=lr, bs=bs,
+                             seed=seed, source=source, source_classes=source_classes, cache_dir=cache_dir,
+                             retrain=retrain, device=device, precision=precision)
+    print(describe_body(info))
+    print(path)
+
+
+@call_parse
+def label_efficiency(
+    ks: str = "5,10,20,50,100",  # labelled target images per class, comma-separated
+    seeds: str = "0,1,2",  # seeds (label draw, head init, batch order), comma-separated
+    modes: str = "scratch,frozen,frozen_bn,finetune",  # study modes (frozen: train_bn=False, frozen_bn: True)
+    arch: str = "resnet10t",  # timm model name (any timm CNN)
+    size: int = 32,  # input size in pixels (MNIST's 28 px digits are padded to it)
+    n_in: int = 1,  # input channels
+    epochs: int = 20,  # epochs on the target, the same in every mode
+    bs: int = 32,  # target batch size
+    lr: float = 2e-3,  # target learning rate, the same in every mode
+    lr_mult: float = 1.0,  # fine_tune's body lr = head lr / lr_mult (fastai's default 100 leaves the body ~frozen)
+    no_recalibrate: bool = False,  # test with BatchNorm's running averages as training left them
+    pretrain_epochs: int = 4,  # epochs of source pretraining (cached by configuration)
+    pretrain_lr: float = 5e-3,  # source pretraining learning rate
+    source: str = "mnist",  # 'mnist' (digits 0-4 -> 5-9) or a source image folder <path>/<class>/*
+    target: str = "",  # target image folder (only with a source folder)
+    weights: str = "",  # use this weights file instead of a source-pretrained body
+    curves_k: int = 0,  # also record per-epoch curves of every mode at this k (first seed): comparison.png
+    cache_dir: str = "~/.cache/tp3_fastai/bodies",  # body cache
+    retrain: bool = False,  # pretrain again even if cached (the run then times pretraining too)
+    device: str = "auto",  # auto, cpu or cuda
+    precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
+    out: str = "runs/label_efficiency",  # run folder (a new -2, -3, ... if it exists)
+    overwrite: bool = False,  # replace an existing run folder instead
+):
+    "Test accuracy against k labelled target images per class for each mode and seed: PNG, JSON and Markdown."
+    from .label_efficiency import label_efficiency as study
+
+    def checked(ks: str, seeds: str, modes: str, **kwargs):
+        return study(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), modes=split_list(modes), **kwargs)
+
+    run_guarded(checked, ks=ks, seeds=seeds, modes=modes, arch=arch, size=size, n_in=n_in, epochs=epochs, bs=bs,
+                lr=lr, lr_mult=lr_mult, recalibrate=not no_recalibrate, pretrain_epochs=pretrain_epochs,
+                pretrain_lr=pretrain_lr, source=source, target=target or None, weights=weights or None,
+                curves_k=curves_k or None, cache_dir=cache_dir, retrain=retrain, device=device,
+                precision=precision, out=out, overwrite=overwrite, command=command_line())
+
+
+@call_parse
+def rf(
+    arch: str = "cnn",  # package (mlp, mlp-big, cnn), torchvision or timm name; 'timm:resnet50' picks a registry
+    input_shape: str = "",  # batch,channels,*spatial, e.g. 1,3,224,224 (default: 1,1,28,28 or the model's default)
+    layers: str = "",  # node or module names / glob patterns to show, e.g. 'maxpool,layer1.0,layer?' (default: all)
+    verify: bool = False,  # also measure each shown node's field from the input gradient (slow for deep nodes)
+    erf: bool = False,  # effective receptive field heat map of --node's centre unit (erf.png)
+    image: str = "",  # draw the field of --node's centre unit on this image (rf_box.png)
+    node: str = "",  # node for --erf and --image (default: the last shown node that still has positions)
+    weights: str = "",  # state dict (.pt, .pth, .safetensors) to load first, e.g. to map a trained model's field
+    out: str = "",  # run folder (default: runs/receptive_field-<arch>; a new -2, -3, ... if it exists)
+    overwrite: bool = False,  # replace an existing run folder instead
+    seed: int = 42,  # seed of the random initialisation (the effective field depends on it)
+):
+    "Part III: print and save the receptive field (R, J, start) of every node of a model; --verify measures it."
+    from .receptive_field import receptive_field_run
+
+    summary = run_guarded(receptive_field_run, arch=arch, input_shape=input_shape or None, layers=layers or None,
+                          verify=verify, erf=erf, image=image or None, node=node or None, weights=weights or None,
+                          out=out or None, overwrite=overwrite, seed=seed)
+    if summary.get("all_agree") is False:
+        raise SystemExit(1)
+
+
+@call_parse
+def bench_freeze(
+    arch: str = None,  # any timm model name (default: resnet50; --quick: resnet18)
+    size: int = None,  # image side in pixels (default 224; --quick 64)
+    bs: int = None,  # batch size (default 128; --quick 16)
+    steps: int = None,  # timed steps per repeat (default 10; --quick 3)
+    repeats: int = None,  # repeats; the median and min/max are reported (default 5; --quick 3)
+    warmup: int = None,  # untimed steps first (default 5; --quick 2; at least 3 with --compile)
+    modes: str = "unfrozen,frozen_train_bn,frozen,precomputed",  # training modes to measure
+    precisions: str = "fp32,fp16,bf16",  # precisions (fp16/bf16 AMP need CUDA: reported as skipped elsewhere)
+    formats: str = "contiguous,channels_last",  # memory formats
+    compile: bool = False,  # also measure every cell with torch.compile (slow to compile)
+    cudnn_benchmark: str = "both",  # cudnn.benchmark: both, on or off (CUDA only)
+    no_overhead: bool = False,  # skip the fastai-loop-vs-plain-loop comparison
+    overhead_modes: str = None,  # loop comparison (default unfrozen,frozen,precomputed; --quick frozen,precomputed)
+    no_pipeline: bool = False,  # skip the synthetic-vs-real input pipeline comparison
+    pipeline_modes: str = None,  # modes of the pipeline comparison (default unfrozen,frozen; --quick: frozen)
+    data: str = "jpeg",  # real images: 'jpeg' (generated from the embedded LFW set), a named source or a folder
+    jpeg_images: int = None,  # images in the generated JPEG folder (default 2560; --quick 200)
+    num_workers: int = None,  # loader workers for the real pipeline (default: 0 on CPU, min(8, cores) on CUDA)
+    epoch_images: int = None,  # dataset size for the per-epoch estimates (default 10,000; --quick 1,000)
+    epochs_estimate: int = 5,  # epochs of the total-cost estimate (precomputed includes its cache pass)
+    lr: float = 1e-3,  # learning rate of the one-cycle schedule
+    device: str = "auto",  # auto, cpu, cuda or cuda:N
+    seed: int = 42,  # seed of the weights, the synthetic batches and the data order
+    no_count_reads: bool = False,  # skip counting host reads (syncs) per step
+    threads: int = None,  # torch CPU threads (default: torch's choice); 1 helps on a CPU shared with other jobs
+    quick: bool = False,  # the small CI configuration for a CPU (resnet18, 64 px, batch 16)
+    out: str = "runs/bench_freeze",  # run folder (a new -2, -3, ... if it holds files)
+    overwrite: bool = False,  # replace the run folder instead
+    cache_dir: str = "~/.cache/tp3_fastai",  # where the generated JPEG folder is written once
+):
+    "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
+    from .bench import bench_training_modes
+
+    command = command_line()
+    return run_guarded(bench_training_modes, arch=arch, size=size, bs=bs, steps=steps, repeats=repeats,
+                       warmup=warmup, modes=modes, precisions=precisions, formats=formats, compile=compile,
+                       cudnn_benchmark=cudnn_benchmark, overhead=not no_overhead, overhead_modes=overhead_modes,
+                       pipeline=not no_pipeline, pipeline_modes=pipeline_modes, data=data, jpeg_images=jpeg_images,
+                       num_workers=num_workers, epoch_images=epoch_images, epochs_estimate=epochs_estimate, lr=lr,
+                       device=device, seed=seed, count_reads=not no_count_reads, threads=threads, quick=quick, out=out,
+                       overwrite=overwrite, cache_dir=cache_dir, command=command)
+
+
+COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetune, "predict": predict,
+                                 "pretrain": pretrain, "label-efficiency": label_efficiency, "rf": rf,
+                                 "bench": bench_freeze, "bench-mnist": bench_mnist}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch `tp3 <command> [options]` to the command's function."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = "\n".join(f"  {n:<10} {f.__doc__}" for n, f in COMMANDS.items())
+        names = "\n".join(f"  {n:<17} {f.__doc__}" for n, f in COMMANDS.items())
         print(f"usage: tp3 <command> [options]\n\ncommands:\n{names}\n\n`tp3 <command> --help` lists the options.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
@@ -109,4 +329,12 @@ def main(argv: list[str] | None = None) -> None:
     func = COMMANDS[argv[0]]
     args = vars(anno_parser(func, prog=f"tp3 {argv[0]}").parse_args(argv[1:]))
     args.pop("pdb", None), args.pop("xtra", None)
-    func(**args)
+    positional: list[Any] = []
+    params = list(inspect.signature(func).parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):  # e.g. predict MODEL IMAGE...: pass them in order
+        for p in params:
+            if p.kind is p.VAR_POSITIONAL:
+                positional += args.pop(p.name)
+                break
+            positional.append(args.pop(p.name))
+    func(*positional, **args)

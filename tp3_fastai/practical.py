@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from .label_efficiency import MODE_LABELS
+from .pretrain import describe_body
 from .report import Section, write_report
 from .runs import new_run_dir, write_json
 
@@ -48,6 +50,32 @@ def transfer_section(run: Path, folder: dict) -> Section:
     )
 
 
+def study_section(run: Path, study: dict) -> Section:
+    """Report section of Part II from the label-efficiency study's summary (the offline default)."""
+    rel = lambda name: str(Path(study["run_dir"]).relative_to(run) / name)  # noqa: E731
+    cfg, body, timing = study["config"], study["body"], study["timing"]
+    if body is not None:
+        where = (f"**Where the weights came from:** {describe_body(body)}. Pretraining took {body['seconds']:.0f} s"
+                 + (" in an earlier run (cached)." if body["cached"] else " in this run."))
+    else:
+        where = f"**Where the weights came from:** {cfg['weights']}."
+    modes = [dict(mode=m, what=MODE_LABELS[m], train_seconds=timing["total_train_seconds"][m]) for m in cfg["modes"]]
+    return Section(
+        "Part II: transfer learning with few labels, scratch vs frozen vs fine-tune",
+        [where,
+         f"Target: {cfg['target']}; {cfg['target_sizes']['test']:,} test images seen by neither pretraining nor "
+         f"target training. Each mode trains {cfg['arch']} ({cfg['size']} px) for {cfg['epochs']} epochs on k "
+         f"labelled images per class (k = {', '.join(map(str, cfg['ks']))}; seeds {cfg['seeds']}), same data, "
+         "same inputs, same learning rate. Cells: test accuracy, mean ± std over seeds (runs).",
+         "ImageNet weights cannot be downloaded offline; pass `--pretrained True` online or `--weights PATH` to run "
+         "the ResNet50 image-folder experiment with them instead (`--images` picks the folder)."],
+        [(study["table"], None), (modes, ("mode", "what", "train_seconds"))],
+        [(rel("label_efficiency.png"), "Label efficiency: test accuracy against labelled images per class"),
+         (rel("comparison.png"), f"Learning curves of every mode at k={cfg['curves_k']} (first seed)"),
+         (rel("predictions.png"), "Target test predictions of the fine-tuned body")],
+    )
+
+
 RF_LAYERS = "conv1,maxpool,layer1.0,layer1,layer2,layer3,layer4,global_pool*,fc"
 
 
@@ -59,25 +87,34 @@ def rf_section(run: Path, table: dict, erf: dict) -> Section:
             for m in table.get("measurements", [])]
     e = erf["erf"]
     return Section(
-        "Part III: receptive fields of ResNet50",
-        [f"Receptive field R (pixels) and jump J of timm ResNet50 at {'x'.join(map(str, table['input_shape'][2:]))}, "
+        f"Part III: receptive fields of {table['arch']}",
+        [f"Receptive field R (pixels) and jump J of {table['arch']} at "
+         f"{'x'.join(map(str, table['input_shape'][2:]))}, "
          "from the model's traced graph (R_n = R_{n-1} + (k_n - 1) J_{n-1}, J_n = J_{n-1} s_n, union at residual "
          "additions), each checked by a gradient measurement on a constant-weight copy of the model.",
          f"Effective receptive field (Luo et al., 2016) of the centre unit of `{e['name']}` in a randomly initialised "
-         f"torchvision ResNet50: {e['area_fraction']['50%']:.1%} of the theoretical field holds half of the "
-         f"gradient mass, {e['area_fraction']['90%']:.1%} holds 90%. (timm's ResNet50 is created with its last "
-         "BatchNorm of each block at zero, so untrained it sends gradient through the shortcuts only.)"],
+         f"{erf['arch']}: {e['area_fraction']['50%']:.1%} of the theoretical field holds half of the "
+         f"gradient mass, {e['area_fraction']['90%']:.1%} holds 90%. (timm creates its ResNets with the last "
+         "BatchNorm of each block at zero, so untrained they send gradient through the shortcuts only.)"],
         [(rows, ("layer", "R", "J", "measured_R", "agrees"))],
         [(str(Path(erf["run_dir"]).relative_to(run) / "erf.png"), "Effective receptive field (gradient magnitude)")],
     )
 
 
 def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epochs: int = 10,
-                  images: str | Path = "lfw", arch: str = "resnet50", transfer_epochs: int = 3,
-                  weights: bool | str | Path = False, device: str = "auto",
+                  images: str | Path = "", arch: str = "resnet50", transfer_epochs: int = 3,
+                  weights: bool | str | Path = False, ks: Sequence[int] = (10, 50), seeds: Sequence[int] = (0, 1),
+                  study_options: dict[str, Any] | None = None, rf_arch: str = "timm:resnet50", rf_size: int = 224,
+                  device: str = "auto",
                   precision: str = "auto", out: str | Path = "runs/practical",
                   overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print) -> Path:
-    """Run the chosen parts into one folder and write report.md and report.html there; returns the folder."""
+    """Run the chosen parts into one folder and write report.md and report.html there; returns the folder.
+
+    Part II: without `weights` and `images`, the offline study (a body pretrained here on digits 0-4, then k
+    labelled digits 5-9 per class for `ks` and `seeds`); with hub weights (`weights=True`), a weights file or an
+    image folder, the `arch` experiment on `images` (default: the embedded LFW faces). `study_options`: more
+    keywords for `label_efficiency` (e.g. arch, epochs, cache_dir). Part III maps `rf_arch` at `rf_size` px.
+    """
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
@@ -95,29 +132,40 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
         timings["mnist"] = time.perf_counter() - t
         sections.append(mnist_section(run, summary))
     if "transfer" in parts:
-        from .transfer import finetune_experiment
-
         log("== Part II: transfer learning ==")
         t = time.perf_counter()
-        folder = finetune_experiment(images, arch=arch, size=64, bs=16, epochs=transfer_epochs, pretrained=weights,
-                                     seed=seed, device=device, precision=precision, out=run / "part2_transfer",
-                                     overwrite=True, log=log)
+        if weights is not False or images:
+            from .transfer import finetune_experiment
+
+            folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
+                                         bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,
+                                         precision=precision, out=run / "part2_transfer", overwrite=True, log=log)
+            sections.append(transfer_section(run, folder))
+        else:
+            from .label_efficiency import label_efficiency
+
+            study = label_efficiency(ks=ks, seeds=seeds, valid_pct=0.1, curves_k=min(ks), device=device,
+                                     precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
+                                     **(study_options or {}))
+            sections.append(study_section(run, study))
         timings["transfer"] = time.perf_counter() - t
-        sections.append(transfer_section(run, folder))
     if "rf" in parts:
         from .receptive_field import receptive_field_run
 
         log("== Part III: receptive fields ==")
         t = time.perf_counter()
-        table = receptive_field_run("timm:resnet50", (1, 3, 224, 224), layers=RF_LAYERS, verify=True,
-                                    out=run / "part3_rf", overwrite=True, seed=seed, log=log)
-        erf = receptive_field_run("torchvision:resnet50", (1, 3, 224, 224), layers="layer3", erf=True,
+        shape = (1, 3, rf_size, rf_size)
+        table = receptive_field_run(rf_arch, shape, layers=RF_LAYERS, verify=True, out=run / "part3_rf",
+                                    overwrite=True, seed=seed, log=log)
+        # torchvision's ResNet for the effective field: timm zero-initialises each block's last BatchNorm
+        erf = receptive_field_run(rf_arch.replace("timm:", "torchvision:"), shape, layers="layer3", erf=True,
                                   out=run / "part3_erf", overwrite=True, seed=seed, log=log)
         timings["rf"] = time.perf_counter() - t
         sections.append(rf_section(run, table, erf))
     timings["total"] = time.perf_counter() - t0
     sections.append(Section("Run", [f"Wall time per part (seconds): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}."]))
-    write_json(run / "practical.json", dict(parts=list(parts), seconds=timings, mnist=mnist, seed=seed))
+    write_json(run / "practical.json", dict(parts=list(parts), seconds=timings, mnist=mnist, images=str(images),
+                                             weights=str(weights), seed=seed))
     md, page = write_report(run, "The CNN practical with fastai", sections)
     log(f"\nreport: {md}\n        {page}")
     return run

@@ -1,0 +1,66 @@
+"""The main job, reduced to small sizes: every part runs, and report.md / report.html show what the parts wrote."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tp3_fastai.practical import run_practical
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("practical")
+    run = run_practical(mnist_epochs=1, ks=(5,), seeds=(0,),
+                        study_options=dict(arch="test_resnet", epochs=3, pretrain_epochs=1, cache_dir=tmp / "bodies"),
+                        rf_arch="timm:resnet18", rf_size=64, out=tmp / "report", log=lambda s: None)
+    return run
+
+
+def test_the_report_shows_every_part_with_the_numbers_the_parts_wrote(report):
+    md = (report / "report.md").read_text()
+    for title in ("## Part I: MLP vs CNN on MNIST", "## Part II: transfer learning with few labels",
+                  "## Part III: receptive fields of timm:resnet18", "## Run"):
+        assert title in md
+    part1 = json.loads((report / "part1_mnist" / "summary.json").read_text())
+    for m in part1["models"]:  # the table holds the test accuracy each model reached
+        assert re.search(rf"\| {m['model']} \| {m['params']:,} \|.*\| {m['test_accuracy']:.4g} \|\n", md), m
+    study = json.loads((report / "part2_transfer" / "summary.json").read_text())
+    assert "pretrained here on MNIST digits 0,1,2,3,4" in md and study["body"]["sha256"][:16] in md
+    acc = study["accuracy"]["finetune"]["5"][0]
+    assert f"| 5 | {study['accuracy']['scratch']['5'][0]:.3f} ± 0.000 (1) |" in md and f"{acc:.3f}" in md
+    rf = json.loads((report / "part3_rf" / "summary.json").read_text())
+    # resnet18's last stage sees 435 px with a jump of 32, analytic and measured (64 px input, grown to measure)
+    assert "| layer4.1.act2 | 435x435 | 32x32 | 435x435 | yes |" in md and "| maxpool | 11x11 | 4x4 | 11x11 | yes |" in md
+    assert all(m["agrees"] for m in rf["measurements"]) and len(rf["measurements"]) == md.count(" | yes |")
+
+
+def test_every_figure_of_the_report_exists_and_the_html_embeds_it(report):
+    md = (report / "report.md").read_text()
+    html = (report / "report.html").read_text()
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert len(figures) == 5  # Part I curves; Part II label efficiency, curves, predictions; Part III ERF
+    for f in figures:
+        assert (report / f).stat().st_size > 5_000, f
+        assert f'src="{f}"' in html
+    assert html.count("<table") == md.count("\n|---|") == 4
+
+
+def test_part_two_runs_the_image_folder_experiment_when_given_images(tmp_path):
+    run = run_practical(parts=("transfer",), images="lfw", arch="test_resnet", transfer_epochs=2,
+                        out=tmp_path / "r", log=lambda s: None)
+    md = (run / "report.md").read_text()
+    assert "## Part II: transfer learning, scratch vs fine-tune vs frozen" in md and "random init" in md
+    assert (run / "part2_transfer" / "comparison.png").is_file() and "## Part I" not in md
+
+
+def test_run_command_rejects_a_bad_part_in_one_line(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_all.py"), "--parts", "mnist,transfr",
+                        "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown part(s) transfr: choose from "
+                                                                   "mnist, transfer, rf"]
+    assert not (tmp_path / "r").exists()
