@@ -1,4 +1,4 @@
-"""Shared fixtures: small real-data folders built from the embedded MNIST sample."""
+"""Shared fixtures: small real-data folders built from the embedded MNIST sample; one torch thread."""
 from __future__ import annotations
 
 import warnings
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
@@ -28,3 +29,13 @@ def write_mnist_folder(root: Path, per_class: int = 12, classes: range = range(1
 @pytest.fixture(scope="session")
 def mnist_folder(tmp_path_factory) -> Path:
     return write_mnist_folder(tmp_path_factory.mktemp("mnist_folder"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a CPU shared with other jobs, OpenMP threads waiting on each other slow steps tenfold.
+    Module-scoped; a test module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,16 +24,8 @@ from tp3_fastai.learners import Learner
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a CPU shared with other jobs, OpenMP threads waiting on each other slow steps tenfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def syn():

@@ -19,16 +19,8 @@ from tp3_fastai.image_data import image_dls
 from tp3_fastai.transfer import resnet_learner, set_mode
 
 ARCH = "resnet18"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a CPU shared with other jobs, OpenMP threads waiting on each other slow steps tenfold."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def dls(tmp_path_factory):

@@ -1,0 +1,343 @@
+"""Loaders and training loops the benchmarks time: fixed or streamed batches, the plain PyTorch loop, the package's
+fastai Learner timed the same way, `tune_learner` (the fastai loop without its avoidable per-batch costs) and a
+counter of host reads per step."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback, CancelStepException, event
+from fastai.callback.fp16 import MixedPrecision
+from fastai.learner import AvgSmoothLoss, Recorder
+from fastai.optimizer import OptimWrapper
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ..device import autocast, synchronize
+from ..learners import Learner as PackageLearner
+
+
+class BatchLoader:
+    """`n` batches cycling through a fixed list of (x, y) batches: enough of a loader for a fastai Learner."""
+
+    def __init__(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int):
+        self.batches, self.n = list(batches), n
+        self.bs = len(self.batches[0][0]) if self.batches else 0
+
+    def __len__(self) -> int:
+        return self.n if self.batches else 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(len(self)):
+            yield self.batches[i % len(self.batches)]
+
+    def to(self, device: torch.device | str) -> "BatchLoader":
+        self.batches = [(x.to(device), y.to(device)) for x, y in self.batches]
+        return self
+
+    def new(self, **kwargs) -> "BatchLoader":
+        return self
+
+    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batches[0]
+
+
+class StreamLoader:
+    """The next `n` batches of a shared stream (a real DataLoader cycled epoch after epoch), as plain tensors
+    when `plain`; every loop drawing from one stream sees the same pipeline."""
+
+    def __init__(self, stream: Iterator, n: int, plain: bool = False, bs: int = 0):
+        self.stream, self.n, self.plain, self.bs = stream, n, plain, bs
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            b = next(self.stream)
+            yield tuple(t.as_subclass(torch.Tensor) for t in b[:2]) if self.plain else b
+
+    def to(self, device) -> "StreamLoader":
+        return self
+
+    def new(self, **kwargs) -> "StreamLoader":
+        return self
+
+
+def cycle_loader(dl) -> Iterator:
+    """Batches of `dl`, epoch after epoch (each epoch restarts the loader, workers included)."""
+    while True:
+        yield from dl
+
+
+def synthetic_batches(n: int, bs: int, size: int, n_classes: int, device: torch.device, seed: int,
+                      channels_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` seeded batches of normalised-looking random images and labels, already on `device` (compute bound)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randn(bs, 3, size, size, generator=gen).to(device)
+        y = torch.randint(0, n_classes, (bs,), generator=gen).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append((x, y))
+    return out
+
+
+def _group_times(marks: list[float]) -> list[float]:
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+class PlainLoop:
+    """The textbook PyTorch training step (autocast + GradScaler, torch.optim.Adam, OneCycleLR) on a given model;
+    `run` times groups of `steps` steps after `warmup` untimed ones, synchronising only at group edges."""
+    name = "plain"
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32", lr: float = 1e-3,
+                 compiled: bool = False, bn_eval: bool = False):
+        self.model, self.device, self.precision, self.lr = model.to(device), device, precision, lr
+        self.bn_eval = bn_eval
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.forward = torch.compile(model) if compiled else model
+        self.warmup_s = math.nan
+
+    def run(self, loader, warmup: int, steps: int, groups: int) -> list[float]:
+        from fastai.callback.training import set_bn_eval
+
+        total = warmup + steps * groups
+        sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=self.lr, total_steps=total + 1)
+        self.model.train()
+        if self.bn_eval:
+            set_bn_eval(self.model)  # what fastai's BnFreeze does: frozen BatchNorm keeps its running statistics
+        synchronize(self.device)
+        marks, start = [], time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            if i == total:
+                break
+            with autocast(self.device, self.precision):
+                loss = F.cross_entropy(self.forward(x), y)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            self.opt.zero_grad(set_to_none=True)
+            sched.step()
+            n = i + 1
+            if n >= warmup and (n - warmup) % steps == 0:
+                synchronize(self.device)
+                marks.append(time.perf_counter())
+        if len(marks) != groups + 1:
+            raise ValueError(f"the loader gave {i + 1} batches, fewer than the {total} needed")
+        self.warmup_s = marks[0] - start
+        return _group_times(marks)
+
+
+class GroupTimer(Callback):
+    """Synchronise and read the clock after batch `warmup` and every `steps` training batches after it."""
+    order = 1000  # after every other callback
+
+    def __init__(self, device: torch.device, warmup: int, steps: int):
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.marks: list[float] = []
+
+    def before_fit(self) -> None:
+        self.i, self.marks = 0, []
+        self.start = time.perf_counter()
+
+    def after_batch(self) -> None:
+        if not self.training:
+            return
+        self.i += 1
+        if self.i >= self.warmup and (self.i - self.warmup) % self.steps == 0:
+            synchronize(self.device)
+            self.marks.append(time.perf_counter())
+
+
+class LearnerLoop:
+    """A fastai Learner's `fit_one_cycle(1)` over a loader, timed like PlainLoop (groups of steps after warm-up)."""
+
+    def __init__(self, learn, device: torch.device, lr: float = 1e-3, name: str = "package"):
+        self.learn, self.device, self.lr, self.name = learn, device, lr, name
+        self.warmup_s = math.nan
+
+    def run(self, loader, warmup: int, steps: int, groups: int) -> list[float]:
+        from fastai.data.core import DataLoaders
+
+        dev = self.device
+        self.learn.dls = DataLoaders(loader, BatchLoader([], 0), device=None)
+        self.learn.dls.device = dev
+        timer = GroupTimer(dev, warmup, steps)
+        synchronize(dev)
+        with self.learn.added_cbs(timer):
+            self.learn.fit_one_cycle(1, self.lr)
+        if len(timer.marks) != groups + 1:
+            raise ValueError(f"the learner ran {timer.i} batches, not the {warmup + steps * groups} asked for")
+        self.warmup_s = timer.marks[0] - timer.start
+        return _group_times(timer.marks)
+
+
+# --- making the package's fastai loop cheap -------------------------------------------------------------------
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss kept on the loss's device: fastai's AvgSmoothLoss moves every batch's loss
+    to the CPU (`to_detach(..., cpu=True)`), a host synchronisation per batch on a GPU."""
+
+    def accumulate(self, learn) -> None:
+        self.count += 1
+        loss = learn.loss.detach().mean().float()
+        if self.val.device != loss.device:
+            self.val = self.val.to(loss.device)
+        self.val = torch.lerp(loss, self.val, self.beta)
+
+
+class HostLosses(Callback):
+    """After fitting, the Recorder's smoothed losses as CPU tensors again (one transfer for the whole fit)."""
+    order = 51  # after Recorder
+
+    def after_fit(self) -> None:
+        rec = getattr(self.learn, "recorder", None)
+        if rec is not None and rec.losses and isinstance(rec.losses[0], torch.Tensor):
+            rec.losses = list(torch.stack([t.float() for t in rec.losses]).cpu().unbind())
+
+
+class PlainTensors(Callback):
+    """Strip fastai's tensor subclasses from each batch (TensorImage, TensorCategory) and from the loss (fastai's
+    loss wrappers return a TensorBase): every op on a subclass, the backward pass included, goes through fastai's
+    `__torch_function__`. Left alone in `get_preds`, whose decoding needs the types."""
+    order = -5
+
+    def before_batch(self) -> None:
+        if hasattr(self.learn, "gather_preds"):
+            return
+        self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in self.xb)
+        self.learn.yb = tuple(y.as_subclass(torch.Tensor) if isinstance(y, torch.Tensor) else y for y in self.yb)
+
+    def after_loss(self) -> None:
+        if hasattr(self.learn, "gather_preds") or not isinstance(self.learn.loss_grad, torch.Tensor):
+            return
+        self.learn.loss_grad = self.learn.loss_grad.as_subclass(torch.Tensor)
+        self.learn.loss = self.learn.loss.as_subclass(torch.Tensor)
+
+
+class LeanRecorder(Recorder):
+    """fastai's Recorder reading the learning rate from the optimiser's last parameter group directly (fastai's
+    `opt.hypers` rebuilds every group's hyper-parameters each batch when the optimiser is an OptimWrapper)."""
+
+    def after_batch(self) -> None:
+        if len(self.yb) == 0:
+            return
+        mets = self._train_mets if self.training else self._valid_mets
+        for met in mets:
+            met.accumulate(self.learn)
+        if not self.training:
+            return
+        opt = self.opt
+        self.lrs.append(opt.opt.param_groups[-1]["lr"] if isinstance(opt, OptimWrapper) else opt.hypers[-1]["lr"])
+        self.losses.append(self.smooth_loss.value)
+        self.learn.smooth_loss = self.smooth_loss.value
+
+
+class QuietMixedPrecision(MixedPrecision):
+    """fastai's MixedPrecision without `scaler.get_scale()` each step (one more host sync per step on CUDA than
+    the plain AMP loop, where GradScaler.step's own overflow check is the only one)."""
+
+    def before_step(self) -> None:
+        self.skipped = True
+        self.scaler.step(self)
+        if self.skipped:
+            raise CancelStepException()
+
+
+def _cb_order(cb) -> float:
+    return cb.order
+
+
+class FastLearner(PackageLearner):
+    """The package's Learner with cheaper event dispatch: no fastcore `L` built for every event and callbacks sorted
+    with the built-in `sorted` (fastai builds an `L` and sorts the callbacks through fastcore for every event,
+    eight or more events a batch)."""
+
+    def __call__(self, event_name) -> None:
+        if isinstance(event_name, str):
+            self._call_one(event_name)
+        else:
+            for e in event_name:
+                self._call_one(e)
+
+    def _call_one(self, event_name: str) -> None:
+        if not hasattr(event, event_name):
+            raise ValueError(f"unknown training-loop event {event_name!r}")
+        for cb in sorted(self.cbs, key=_cb_order):
+            if event_name == "after_fit" or event_name in cb.__dict__ or hasattr(type(cb), event_name):
+                cb(event_name)
+
+
+def tune_learner(learn):
+    """Remove the fastai loop's avoidable per-batch costs, in place: FastLearner (the package's Learner, whose
+    events go only to callbacks that handle them, with cheaper dispatch); the smoothed loss kept on the device and
+    the learning rate read directly (DeviceSmoothLoss, LeanRecorder): no host sync per batch; no loss-scale
+    read-back in mixed precision (QuietMixedPrecision); plain tensors into the model and out of the loss
+    (PlainTensors). Training maths is unchanged."""
+    if not isinstance(learn, FastLearner):
+        learn.__class__ = FastLearner  # vision_learner builds fastai's own Learner class
+    rec = getattr(learn, "recorder", None)
+    if rec is not None and not isinstance(rec.smooth_loss, DeviceSmoothLoss):
+        rec.smooth_loss = DeviceSmoothLoss(beta=rec.smooth_loss.beta)
+        if type(rec) is Recorder:
+            object.__setattr__(rec, "__class__", LeanRecorder)  # Callback.__setattr__ warns about learner names
+        learn.add_cb(HostLosses())
+    for mp in [cb for cb in learn.cbs if type(cb) is MixedPrecision]:
+        kwargs = {k: v for k, v in mp.kwargs.items() if k != "enabled"}
+        learn.remove_cb(mp)
+        learn.add_cb(QuietMixedPrecision(amp_mode=mp.amp_mode, **kwargs))
+    if not any(isinstance(cb, PlainTensors) for cb in learn.cbs):
+        learn.add_cb(PlainTensors())
+    learn.tuned = True
+    return learn
+
+
+class HostReadCounter(TorchFunctionMode):
+    """Counts tensor reads back to the host (item, cpu, tolist, numpy, float, int, bool): on CUDA each read of a
+    device tensor waits for the GPU. On a CUDA run only reads of device tensors count (exact). On a CPU run every
+    tensor is a CPU tensor, so reads count unless they come from code whose tensors stay on the CPU on every
+    device (torch.optim's step counters, fastai's schedule positions, GradScaler's bookkeeping): a CPU run then
+    shows where a GPU run would synchronise."""
+    NAMES = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__")
+    CPU_RESIDENT = ("torch.optim", "fastai.callback.schedule", "torch.amp")
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.on_cpu = torch.device(device).type == "cpu"
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES and args and isinstance(args[0], torch.Tensor):
+            if args[0].device.type != "cpu":
+                counted = True
+            else:
+                caller = sys._getframe(1).f_globals.get("__name__", "")
+                counted = self.on_cpu and not caller.startswith(self.CPU_RESIDENT)
+            if counted:
+                self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def host_reads_per_step(loop, make_loader: Callable[[int], Any]) -> float:
+    """Host reads per training step of `loop` (PlainLoop or LearnerLoop): runs of 1 and 2 timed steps after one
+    warm-up step, differenced so that per-fit work cancels out."""
+    counts = []
+    for steps in (1, 2):
+        with HostReadCounter(loop.device) as c:
+            loop.run(make_loader(1 + steps), 1, steps, 1)
+        counts.append(c.total)
+    return float(counts[1] - counts[0])

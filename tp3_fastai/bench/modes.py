@@ -1,0 +1,282 @@
+"""Training modes x speed levers: what frozen and full fine-tuning cost (issue "bench_freeze"). The modes and
+levers, the same model built for every mode, and the measurements: one mode with one set of levers, the package's
+fastai loop against the plain PyTorch loop, synthetic batches against the real image pipeline."""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from fastai.optimizer import OptimWrapper
+from fastai.torch_core import set_seed
+from torch import nn
+
+from ..data import TensorLoader
+from ..device import synchronize
+from ..models import check_name, count_params
+from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
+                    synthetic_batches, tune_learner)
+from .timing import (_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
+                     timed)
+
+FREEZE_MODES = ("unfrozen", "frozen_train_bn", "frozen", "precomputed")
+MODE_LABELS = {
+    "unfrozen": "unfrozen (everything trains)",
+    "frozen_train_bn": "frozen, train_bn=True (fastai default: BatchNorm trains, backward crosses the body)",
+    "frozen": "frozen, train_bn=False (backward stops at the head)",
+    "precomputed": "frozen, precomputed body features (head trains on a cache)",
+}
+LEVER_PRECISIONS = ("fp32", "fp16", "bf16")
+MEMORY_FORMATS = ("contiguous", "channels_last")
+LOOPS = ("plain", "package", "tuned", "package_fastai_adam")
+LOOP_LABELS = {
+    "plain": "plain PyTorch loop (torch.optim.Adam, OneCycleLR)",
+    "package": "package Learner as built by resnet_learner / train_head_on_features (optimiser: torch.optim.Adam)",
+    "tuned": "package Learner + tune_learner (event dispatch, no per-batch host syncs, plain tensors)",
+    "package_fastai_adam": "package Learner with fastai's own Adam (resnet_learner's default; not the same optimiser)",
+}
+
+
+def lever_skip_reason(device: torch.device, precision: str, cudnn_benchmark: bool | None) -> str | None:
+    """Why a lever cannot run on `device` (reported, never faked), or None when it runs."""
+    if precision not in LEVER_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: choose from {', '.join(LEVER_PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        return "skipped: needs CUDA"  # fastai's and torch's AMP paths here are CUDA-only (fp16 on CPU does not run)
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return "skipped: this GPU has no bf16"
+    if cudnn_benchmark is not None and device.type != "cuda":
+        return "skipped: needs CUDA"
+    return None
+
+
+# --- building the same model for every mode -------------------------------------------------------------------
+
+def _mode_args(mode: str) -> tuple[str, bool]:
+    """transfer.set_mode arguments (mode, train_bn) of a benchmark mode."""
+    return {"unfrozen": ("scratch", True), "frozen_train_bn": ("frozen", True), "frozen": ("frozen", False),
+            "precomputed": ("frozen", False)}[mode]
+
+
+def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "torch",
+                 lr: float = 1e-3, tuned: bool = False):
+    """A learner built by transfer.resnet_learner (random init, same seed: same weights in every mode) and put in
+    `mode` by transfer.set_mode. `opt`: 'torch' (torch.optim.Adam through OptimWrapper, as the plain loop) or
+    'fastai' (fastai's Adam, resnet_learner's default)."""
+    from fastai.optimizer import Adam as FastaiAdam
+
+    from ..transfer import resnet_learner, set_mode
+
+    check_name(mode, FREEZE_MODES, "benchmark mode")
+    fastai_mode, train_bn = _mode_args(mode)
+    set_seed(seed)
+    learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=train_bn, progress=False,
+                           log=None, lr=lr, name=mode)
+    learn.opt_func = partial(OptimWrapper, opt=torch.optim.Adam) if opt == "torch" else FastaiAdam
+    set_mode(learn, fastai_mode, train_bn)
+    learn.bench_mode = mode
+    return tune_learner(learn) if tuned else learn
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that train."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+
+def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.device, precision: str,
+                 memory_format: str, compiled: bool, cudnn_benchmark: bool | None, warmup: int, steps: int,
+                 repeats: int, bs: int, lr: float) -> dict[str, Any]:
+    """Throughput, step time and peak memory of one mode with one set of levers, in the plain loop on the
+    synthetic batches (for 'precomputed': the one-off caching pass and the head's training step)."""
+    from ..features import feature_split, precompute_features
+
+    row: dict[str, Any] = dict(mode=mode, precision=precision, memory_format=memory_format, compile=compiled,
+                               cudnn_benchmark=cudnn_benchmark)
+    reason = lever_skip_reason(dev, precision, cudnn_benchmark)
+    if reason:
+        return dict(row, status=reason)
+    cl = memory_format == "channels_last"
+    prev = set_cudnn_benchmark(cudnn_benchmark)
+    model = copy.deepcopy(base[mode]).to(dev)
+    try:
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+            batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+        row["trainable_params"], row["total_params"] = count_params(model)
+        reset_peak_memory(dev)
+        if mode == "precomputed":
+            extractor, head = feature_split(model)
+            fwd = torch.compile(extractor) if compiled else extractor
+            row["trainable_params"] = count_params(head)[0]
+
+            def cache(k: int):
+                return precompute_features(fwd, BatchLoader(batches, k), dev, precision, cl)
+
+            synchronize(dev)
+            t = time.perf_counter()
+            cache(warmup)
+            synchronize(dev)
+            row["cache_warmup_s"] = time.perf_counter() - t
+            cache_s = [timed(lambda: cache(steps), dev) for _ in range(repeats)]
+            c = _stats(cache_s, steps, bs)
+            row["cache_step_ms"], row["cache_images_per_s"] = c["step_ms"], c["images_per_s"]
+            feats, labels = precompute_features(extractor, BatchLoader(batches, len(batches)), dev, precision)
+            n = (warmup + steps * repeats) * bs
+            idx = torch.arange(n, device=dev) % len(labels)
+            loader = TensorLoader(feats[idx], labels[idx], bs, shuffle=True, drop_last=True, device=dev)
+            loop = PlainLoop(head, dev, precision, lr, compiled=compiled)
+        else:
+            loader = BatchLoader(batches, warmup + steps * repeats)
+            loop = PlainLoop(model, dev, precision, lr, compiled=compiled, bn_eval=mode == "frozen")
+        g = loop.run(loader, warmup, steps, repeats)
+        row.update(_stats(g, steps, bs))
+        row["warmup_s"] = loop.warmup_s
+        row["peak_memory_mb"] = peak_memory_mb(dev)
+        row["status"] = "ok"
+    except Exception as e:  # out of memory, a compile failure, ...: reported, and the other cells still run
+        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    finally:
+        set_cudnn_benchmark(prev)
+        del model
+        free_device_memory(dev)
+    return row
+
+
+def _alternate(loops: Mapping[str, Any], make_loader: Callable[[int], Any], warmup: int, steps: int,
+               repeats: int) -> dict[str, list[float]]:
+    """Time every loop in rounds (one group of `steps` each per round, loops in turn), so that machine noise hits
+    them alike. The first round warms up with `warmup` steps, later ones with one step."""
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    for r in range(repeats):
+        w = warmup if r == 0 else 1
+        for name, loop in loops.items():
+            times[name] += loop.run(make_loader(w + steps), w, steps, 1)
+    return times
+
+
+def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.device, precision: str, seed: int,
+                   warmup: int, steps: int, repeats: int, bs: int, lr: float, count_reads: bool = True,
+                   loops: Sequence[str] = LOOPS, log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+    """The package's fastai loop against the plain PyTorch loop: same model and initial weights, optimiser
+    (torch.optim.Adam, except 'package_fastai_adam'), one-cycle schedule, data (synthetic on-device batches, or
+    their precomputed features) and precision. Ratio = median step time / the plain loop's."""
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.metrics import accuracy
+    from fastai.optimizer import Adam as FastaiAdam
+
+    from ..features import feature_learner, feature_split, precompute_features
+
+    rows = []
+    for mode in modes:
+        check_name(mode, FREEZE_MODES, "benchmark mode")
+        built: dict[str, Any] = {}
+        if mode == "precomputed":
+            extractor, head = feature_split(mode_learner(dls, arch, mode, seed, precision).model.to(dev))
+            feats, labels = precompute_features(extractor, BatchLoader(batches, len(batches)), dev, precision)
+
+            def make_loader(k: int, feats=feats, labels=labels):
+                idx = torch.arange(k * bs, device=dev) % len(labels)
+                return TensorLoader(feats[idx], labels[idx], bs, shuffle=True, drop_last=True, device=dev)
+
+            def head_learner(opt_func, tuned=False):
+                set_seed(seed)
+                learn = feature_learner(copy.deepcopy(head), dls, CrossEntropyLossFlat(), opt_func, lr,
+                                        metrics=accuracy, precision=precision)
+                return tune_learner(learn) if tuned else learn
+
+            for name in loops:
+                if name == "plain":
+                    built[name] = PlainLoop(copy.deepcopy(head), dev, precision, lr)
+                else:
+                    opt = FastaiAdam if name == "package_fastai_adam" else partial(OptimWrapper, opt=torch.optim.Adam)
+                    built[name] = LearnerLoop(head_learner(opt, name == "tuned"), dev, lr, name)
+        else:
+            def make_loader(k: int):
+                return BatchLoader(batches, k)
+
+            for name in loops:
+                if name == "plain":
+                    model = mode_learner(dls, arch, mode, seed, precision).model
+                    built[name] = PlainLoop(model, dev, precision, lr, bn_eval=mode == "frozen")
+                else:
+                    learn = mode_learner(dls, arch, mode, seed, precision,
+                                         opt="fastai" if name == "package_fastai_adam" else "torch",
+                                         lr=lr, tuned=name == "tuned")
+                    built[name] = LearnerLoop(learn, dev, lr, name)
+        times = _alternate(built, make_loader, warmup, steps, repeats)
+        reads = {k: host_reads_per_step(v, make_loader) if count_reads else None for k, v in built.items()}
+        plain_med = spread(times["plain"])["median"] if "plain" in times else math.nan
+        for name in built:
+            s = _stats(times[name], steps, bs)
+            ratio = spread(times[name])["median"] / plain_med
+            rows.append(dict(mode=mode, loop=name, precision=precision, **s, ratio_vs_plain=ratio,
+                             overhead_ms_per_step=s["step_ms"]["median"] - plain_med / steps * 1000,
+                             host_reads_per_step=reads[name], same_optimizer=name != "package_fastai_adam"))
+            if log:
+                log(f"  overhead {mode:<16} {name:<20} {s['step_ms']['median']:9.2f} ms/step "
+                    f"x{ratio:.3f} of plain, host reads/step {reads[name]}")
+        del built
+        free_device_memory(dev)
+    return rows
+
+
+def bench_pipeline(real_dls, syn_dls, arch: str, modes: Sequence[str], dev: torch.device, precision: str,
+                   seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
+                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Synthetic on-device batches against the real image pipeline (image decode + item transforms on the
+    loader's workers + `aug_transforms` on the device): the loader alone, then training steps of the plain loop
+    on both, and of the package's Learner on the real pipeline."""
+    n_classes = real_dls.c
+    stream = cycle_loader(real_dls.train)
+    for _ in range(warmup):
+        next(stream)
+    loader_s = [timed(lambda: [next(stream) for _ in range(steps)], dev) for _ in range(repeats)]
+    loader = _stats(loader_s, steps, bs)
+    fake = getattr(real_dls.train, "fake_l", None)  # fastai keeps the worker count there (dl.num_workers is 1)
+    workers = getattr(fake, "num_workers", getattr(real_dls.train, "num_workers", 0))
+    if log:
+        log(f"  pipeline loader alone ({workers} workers): {loader['images_per_s']:.1f} images/s")
+    batches = synthetic_batches(2, bs, size, n_classes, dev, seed + 1)
+    rows = []
+    for mode in modes:
+        check_name(mode, ["unfrozen", "frozen_train_bn", "frozen"], "pipeline mode")
+        bn_eval = mode == "frozen"
+        built = {
+            "plain/synthetic": PlainLoop(mode_learner(syn_dls, arch, mode, seed, precision).model, dev, precision,
+                                         lr, bn_eval=bn_eval),
+            "plain/real": PlainLoop(mode_learner(real_dls, arch, mode, seed, precision).model, dev, precision, lr,
+                                    bn_eval=bn_eval),
+            "package/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr), dev, lr),
+            "tuned/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr, tuned=True), dev,
+                                      lr, "tuned"),
+        }
+        times: dict[str, list[float]] = {k: [] for k in built}
+        for r in range(repeats):
+            w = warmup if r == 0 else 1
+            for name, loop in built.items():
+                source = BatchLoader(batches, w + steps) if name.endswith("synthetic") else \
+                    StreamLoader(stream, w + steps, plain=name.startswith("plain"), bs=bs)
+                times[name] += loop.run(source, w, steps, 1)
+        syn = spread(times["plain/synthetic"])["median"]
+        plain_real = spread(times["plain/real"])["median"]
+        for name in built:
+            loop_name, data = name.split("/")
+            s = _stats(times[name], steps, bs)
+            med = spread(times[name])["median"]
+            rows.append(dict(mode=mode, loop=loop_name, data=data, precision=precision, **s,
+                             ratio_vs_synthetic=med / syn, ratio_vs_plain_real=med / plain_real))
+            if log:
+                log(f"  pipeline {mode:<16} {name:<16} {s['images_per_s']:9.1f} images/s  x{med / syn:.3f} of "
+                    "synthetic step time")
+        del built
+        free_device_memory(dev)
+    return dict(loader=dict(workers=workers, **loader), rows=rows,
+                data=str(getattr(getattr(real_dls, "info", None), "source", "")),
+                note="loader alone: batches drawn (decode, item transforms, collation, device copy, aug_transforms) "
+                     "with no model; ratio_vs_synthetic: step time / the plain loop's on synthetic on-device batches")
