@@ -128,8 +128,9 @@ def test_tuned_learner_trains_the_same_and_reads_the_host_less(syn):
 
 def test_tuned_learner_still_exports_and_predicts(tmp_path):
     """tune_learner changes classes and callbacks of a resnet_learner: export and predict must keep working."""
+    from tp3_fastai.finetune import export_learner, predict, valid_predictions
     from tp3_fastai.image_data import image_dls
-    from tp3_fastai.transfer import export_learner, predict, resnet_learner, valid_predictions
+    from tp3_fastai.transfer import resnet_learner
 
     dls = image_dls("lfw", size=32, bs=16, aug="default", cache_dir=tmp_path / "cache")
     learn = tune_learner(resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path))

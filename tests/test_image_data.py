@@ -199,3 +199,68 @@ def test_show_batch_png(cache, tmp_path):
     path = show_batch_png(dls, tmp_path / "batch.png", n=8)
     with Image.open(path) as im:
         assert im.size[0] > 200 and im.size[1] > 100
+
+
+def _mixed_folder(root: Path) -> dict[str, Path]:
+    """A train/valid folder of real LFW faces and non-faces saved in every PIL mode a user's folder may hold."""
+    from skimage.data import lfw_subset
+
+    faces = (lfw_subset() * 255).round().astype(np.uint8)  # 100 faces, then 100 non-faces, 25 x 25
+    written = {}
+    for split, start in (("train", 0), ("valid", 40)):
+        for c, offset in (("face", 0), ("non_face", 100)):
+            for j in range(40 if split == "train" else 10):
+                g = faces[offset + start + j]
+                kind = ("L", "RGBA", "P", "I;16", "RGB")[j % 5]
+                path = root / split / c / f"{c}_{start + j:03d}_{kind.replace(';', '')}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if kind == "I;16":
+                    im = Image.fromarray(g.astype(np.uint16) * 257)  # the full 16-bit range
+                else:
+                    im = Image.fromarray(g).convert(kind if kind != "P" else "RGB")
+                    if kind == "P":
+                        im = im.quantize(64)
+                im.save(path)
+                written.setdefault(kind, path)
+    assert Image.open(written["I;16"]).mode == "I;16" and Image.open(written["P"]).mode == "P"
+    return written
+
+
+def test_mixed_modes_load_as_rgb_and_bad_files_stop_before_training(tmp_path):
+    written = _mixed_folder(tmp_path)
+    (tmp_path / "train" / "face" / "notes.txt").write_text("not an image, skipped and listed")
+    good = folder_dls(tmp_path, size=32, bs=16, aug="none")
+    assert good.info.skipped == [str(tmp_path / "train" / "face" / "notes.txt")]
+    for kind, path in written.items():
+        assert image_data.RGBImage.create(path).mode == "RGB", kind
+    as_rgb = {k: np.asarray(image_data.RGBImage.create(written[k]))[..., 0] for k in ("L", "I;16")}
+    assert np.array_equal(as_rgb["L"], np.asarray(Image.open(written["L"])))
+    # 16-bit grayscale is scaled to 8 bits (Pillow's own conversion would clip it to white)
+    assert np.array_equal(as_rgb["I;16"], np.asarray(Image.open(written["I;16"])) // 257)
+    x, y = good.one_batch()
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    from tp3_fastai.transfer import resnet_learner
+
+    learn = resnet_learner(good, "test_resnet", progress=False, log=None, path=tmp_path)
+    learn.fit(1, 1e-3)  # one epoch over every mode
+    assert len(learn.curves.history) == 1
+    # broken files: a truncated JPEG, random bytes named .jpg, an empty .png, all named in one error, before training
+    jpg = tmp_path / "train" / "face" / "truncated.jpg"
+    Image.open(written["L"]).convert("RGB").resize((200, 200)).save(jpg, quality=95)
+    jpg.write_bytes(jpg.read_bytes()[:len(jpg.read_bytes()) // 2])
+    (tmp_path / "train" / "non_face" / "random.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    (tmp_path / "valid" / "face" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"3 image\(s\) cannot be read") as e:
+        folder_dls(tmp_path, size=32, bs=16)
+    assert all(n in str(e.value) for n in ("truncated.jpg", "random.jpg", "empty.png"))
+    for f in (jpg, tmp_path / "train" / "non_face" / "random.jpg", tmp_path / "valid" / "face" / "empty.png"):
+        f.unlink()
+    (tmp_path / "train" / "cats").mkdir()
+    with pytest.raises(ValueError, match="cats holds no images"):
+        folder_dls(tmp_path, size=32, bs=16)
+
+
+def test_single_class_is_refused(tmp_path):
+    _class_tree(tmp_path, classes=("ants",))
+    with pytest.raises(ValueError, match="single class"):
+        scan_folder(tmp_path)

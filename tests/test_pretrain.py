@@ -2,7 +2,6 @@
 study, on real digits at small sizes (one body pretrained per test session)."""
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,8 @@ from tp3_fastai import label_efficiency as LE
 from tp3_fastai import pretrain as P
 from tp3_fastai import tasks as T
 from tp3_fastai.data import MNIST_MEAN, MNIST_STD
-from tp3_fastai.transfer import RANDOM_INIT, resnet_learner
+from tp3_fastai.transfer import resnet_learner
+from tp3_fastai.weights import RANDOM_INIT
 
 ROOT = Path(__file__).resolve().parents[1]
 # timm's smallest ResNet (0.4M parameters, deep stem like resnet10t) keeps this file within its time budget;

@@ -17,9 +17,10 @@ from torch import nn
 
 from tp3_fastai.data import DownloadError
 from tp3_fastai.image_data import image_dls
+from tp3_fastai.finetune import finetune_experiment, predict
 from tp3_fastai.models import count_params
-from tp3_fastai.transfer import (MODES, RANDOM_INIT, finetune_experiment, predict, read_state_dict, resnet_learner,
-                                 set_mode, train_mode, trainable_summary)
+from tp3_fastai.transfer import MODES, resnet_learner, set_mode, train_mode, trainable_summary
+from tp3_fastai.weights import RANDOM_INIT, read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"  # small and fast; one test builds the practical's resnet50
@@ -258,7 +259,7 @@ def test_scripts_turn_errors_into_one_line_and_exit_2(tmp_path, capsys):
             finetune(out=str(tmp_path / "run"), **kwargs)
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("finetune.py: error:") and text in err and "\n" not in err
+        assert err.startswith("error:") and text in err and "\n" not in err
     with pytest.raises(SystemExit) as e:
         _script("predict")(str(tmp_path / "missing.pkl"), "x.png")
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err

@@ -19,7 +19,7 @@ def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
 
     try:
         return fn(**kwargs)
-    except (ValueError, FileNotFoundError, NotADirectoryError, DownloadError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
@@ -143,19 +143,21 @@ def finetune(
     out: str = "runs/finetune",  # run folder (a new -2, -3, ... folder if it holds files)
     overwrite: bool = False,  # replace the run folder instead
     cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written once
+    resume: str = None,  # run folder of an interrupted run: continue it with its config.json's arguments
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
-    from .transfer import finetune_experiment
+    from .finetune import finetune_experiment
 
     def checked(pretrained, weights, modes, **kwargs):
         if pretrained and weights:
             raise ValueError("give either --pretrained (hub weights) or --weights PATH (a local file), not both")
         return finetune_experiment(pretrained=weights or pretrained, modes=split_list(modes), **kwargs)
 
+    # Ctrl-C: finetune_experiment has said where the checkpoints are and how to resume; run_guarded exits 130
     run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
                 weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
                 channels_last=channels_last, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
-                cache_dir=cache_dir)
+                cache_dir=cache_dir, resume=resume)
 
 
 @call_parse
@@ -164,7 +166,7 @@ def predict(
     *images: str,  # image files to classify
 ):
     "Print the predicted label and its probability for each image."
-    from .transfer import load_model, predict as predict_one
+    from .finetune import load_model, predict as predict_one
 
     def classify(model: str, images: tuple[str, ...]) -> None:
         if not images:

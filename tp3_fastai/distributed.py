@@ -179,7 +179,25 @@ def _trainer_classes():
     from fastai.distributed import DistributedDL, DistributedTrainer
 
     class BackendDistributedDL(DistributedDL):
-        """fastai's DistributedDL (a TfmdDL split into equal per-rank parts), with a broadcast that works on gloo."""
+        """fastai's DistributedDL (a TfmdDL split into equal per-rank parts), with a broadcast that works on gloo,
+        and each rank taking its part of every step rather than a contiguous part of the epoch."""
+
+        def get_idxs(self):
+            # fastai gives rank r the r-th contiguous part of the epoch's order. Taking the r-th part of each step
+            # (the bs * world items one process with that batch would take), as TensorLoader.shard does, gives
+            # every step the images of a single process's step. Padding stays at the end, where fastai's
+            # to_detach removes it from gathered predictions.
+            idxs = self._broadcast(list(self.dl.get_idxs()), 0)
+            self.n = len(idxs)
+            self.n_padded = -(-self.n // self.world_size) * self.world_size
+            idxs += (idxs * (self.n_padded // max(self.n, 1) + 1))[:self.n_padded - self.n]  # as fastai pads
+            step = self.bs * self.world_size
+            mine = []
+            for i in range(0, self.n_padded, step):
+                chunk = idxs[i:i + step]
+                part = len(chunk) // self.world_size
+                mine += chunk[self.rank * part:(self.rank + 1) * part]
+            return mine
 
         def _broadcast(self, t, rank):
             # fastai calls `.cuda()` here ("nccl only works with cuda tensors"), which fails without a GPU; gloo
@@ -201,6 +219,7 @@ def _trainer_classes():
             # fastai passes `self.learn.model.device`, which DistributedDataParallel does not have
             return BackendDistributedDL(dl, device=getattr(dl, "device", None))
 
+    ShardingTrainer.dl_class = BackendDistributedDL  # for tests that shard a loader without a process group
     return ShardingTrainer
 
 

@@ -1,6 +1,7 @@
 """Image-folder DataLoaders for transfer learning: folder layouts, augmentation, named sources, the embedded LFW set."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from fastai.data.core import DataLoaders
 from fastai.data.external import URLs
 from fastai.data.transforms import IndexSplitter, Normalize, RegexLabeller, parent_label
 from fastai.vision.augment import RandomResizedCrop, _get_sz, aug_transforms
-from fastai.vision.core import imagenet_stats
+from fastai.vision.core import PILImage, imagenet_stats, load_image
 from fastai.vision.data import ImageBlock
 from fastcore.basics import using_attr
 from PIL import Image
@@ -40,6 +41,7 @@ SOURCE_LABEL_RE: dict[str, str] = {"pets": PETS_LABEL_RE}
 AUG_KEYS = {"flip": "do_flip", "vflip": "flip_vert", "rot": "max_rotate", "zoom": "max_zoom",
             "light": "max_lighting", "warp": "max_warp"}
 DEFAULT_MIN_SCALE = 0.35  # random resized crop keeps at least 35% of the image area (fastai's usual choice)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 LAYOUT_HELP = ("expected an image folder in one of these layouts: <path>/train/<class>/*.jpg with "
                "<path>/valid/<class>/*.jpg or <path>/val/<class>/*.jpg; or <path>/<class>/*.jpg (split by valid_pct); "
                "or a flat folder of images whose class is in the file name (pass label_re)")
@@ -66,6 +68,28 @@ class CropResize(RandomResizedCrop):
         self.cp_size = (max(1, round(m * tw)), max(1, round(m * th)))
         self.tl = ((w - self.cp_size[0]) // 2, (h - self.cp_size[1]) // 2)
         self.final_size = self.size
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB: 16-bit grayscale scaled to 8 bits, palette and grayscale expanded, alpha dropped."""
+    if im.mode in SIXTEEN_BIT_MODES:  # Pillow's own conversion clips 16-bit values to 255: a white image
+        im = Image.fromarray((np.asarray(im, dtype=np.uint32) // 257).astype(np.uint8))
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow warns when a palette's transparency goes straight to RGB
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+class RGBImage(PILImage):
+    """fastai's PILImage opened through `to_rgb`, so that a folder of mixed modes gives 3-channel 8-bit batches."""
+
+    # fastai dispatches on this annotation: it must name every type fastai's own PILImage.create takes
+    @classmethod
+    def create(cls, fn: Path | str | torch.Tensor | np.ndarray | bytes | Image.Image, **kwargs) -> "RGBImage":
+        if isinstance(fn, Image.Image):
+            return cls(to_rgb(fn))
+        if isinstance(fn, (str, Path, bytes)):
+            return cls(to_rgb(load_image(io.BytesIO(fn) if isinstance(fn, bytes) else fn)))
+        return super().create(fn, **kwargs)  # tensors and arrays, as fastai makes them
 
 
 @dataclass
@@ -132,6 +156,7 @@ class FolderInfo:
     n_train: int
     n_valid: int
     source: str = ""
+    skipped: list[str] = field(default_factory=list)
 
     def sizes(self) -> dict[str, int]:
         """Number of images in each split."""
@@ -161,8 +186,14 @@ def _class_files(folder: Path) -> list[Path]:
     return files
 
 
+def skipped_files(files: Sequence[Path]) -> list[Path]:
+    """Files beside `files` (in the same folders) that are skipped because their extension is not an image's."""
+    return sorted(f for d in {f.parent for f in files} for f in d.iterdir()
+                  if f.is_file() and not f.name.startswith(".") and f.suffix.lower() not in IMAGE_EXTS)
+
+
 def check_images(files: Sequence[Path]) -> None:
-    """Open every image (decoding a reduced draft) and raise a ValueError naming those that cannot be read."""
+    """Open every image (decoding a reduced draft) and raise one ValueError naming all that cannot be read."""
     bad = []
     for f in files:
         try:
@@ -172,8 +203,8 @@ def check_images(files: Sequence[Path]) -> None:
         except Exception as e:  # PIL raises many types for damaged files
             bad.append(f"{f} ({type(e).__name__}: {e})")
     if bad:
-        raise ValueError(f"{len(bad)} image(s) cannot be read: {'; '.join(bad[:5])}"
-                         + (" ..." if len(bad) > 5 else "") + ". Remove or replace them.")
+        raise ValueError(f"{len(bad)} image(s) cannot be read: {'; '.join(bad[:20])}"
+                         + (f" ... ({len(bad) - 20} more)" if len(bad) > 20 else "") + ". Remove or replace them.")
 
 
 def scan_folder(path: str | Path, valid_pct: float = 0.2, seed: int = 42, label_re: str | None = None,
@@ -212,6 +243,8 @@ def scan_folder(path: str | Path, valid_pct: float = 0.2, seed: int = 42, label_
         labels = [labeller(f) for f in files]
     except Exception as e:  # RegexLabeller raises a bare Exception when a name does not match
         raise ValueError(f"cannot label the images of {path} with {label_re!r}: {e}") from e
+    if len(set(labels)) < 2:
+        raise ValueError(f"{path} holds a single class ({labels[0]!r}): a classifier needs at least two classes")
     if valid_dir is None:
         codes = np.unique(np.asarray(labels), return_inverse=True)[1]
         valid_idx = sorted(stratified_split(codes, [valid_pct], seed)[0].tolist())
@@ -235,6 +268,12 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
     Item transforms run on the CPU (random resized crop for training, centre crop for validation); batch
     transforms run on `device`: `aug_transforms` (see parse_aug) and ImageNet normalisation, which every
     mode then shares. `dls.info` (a FolderInfo) records the layout, classes and split sizes.
+
+    Bad data is dealt with before any training, always the same way: files whose extension is not an image's
+    (notes.txt, labels.csv) are skipped and listed in `dls.info.skipped`; an image file that cannot be decoded
+    (corrupt, truncated, not really an image) stops here with one ValueError listing every such file (`verify`);
+    an empty class folder, a single class or an empty split stop with a ValueError naming the folder. Images
+    of any mode (grayscale, palette, RGBA, 16-bit grayscale) load as 8-bit RGB (see `to_rgb`).
     """
     if size <= 0 or bs <= 0:
         raise ValueError(f"size and batch size must be positive, got size={size}, bs={bs}")
@@ -247,12 +286,13 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
         # On a CPU the training itself uses every core; worker processes only compete with it.
         num_workers = 0 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
     item = CropResize(size, min_scale=augmentation.min_scale or 1.0, augment=augmentation.min_scale is not None)
-    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=labeller, splitter=IndexSplitter(valid_idx),
+    dblock = DataBlock(blocks=(ImageBlock(RGBImage), CategoryBlock), get_y=labeller,
+                       splitter=IndexSplitter(valid_idx),
                        item_tfms=item,
                        batch_tfms=[*augmentation.batch_tfms(), Normalize.from_stats(*imagenet_stats)])
     dls = dblock.dataloaders(files, path=Path(path).expanduser(), bs=bs, device=dev, num_workers=num_workers)
     dls.info = FolderInfo(str(Path(path).expanduser()), layout, list(dls.vocab), len(dls.train_ds),
-                          len(dls.valid_ds), source or str(path))
+                          len(dls.valid_ds), source or str(path), [str(f) for f in skipped_files(files)])
     dls.augmentation = augmentation
     return dls
 

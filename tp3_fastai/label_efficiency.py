@@ -24,7 +24,7 @@ from .models import check_name
 from .pretrain import BODY_CACHE, DEFAULT_ARCH, describe_body, pretrained_body
 from .runs import markdown_table, new_run_dir, read_json, write_json
 from .tasks import SourceTask, TargetTask, load_tasks, prepare, tensor_dls
-from .transfer import check_arch, resnet_learner, train_mode
+from .transfer import check_plan, resnet_learner, train_mode
 
 STUDY_MODES = ("scratch", "frozen", "frozen_bn", "finetune")
 MODE_LABELS = {
@@ -269,17 +269,9 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     """
     ks = sorted(dict.fromkeys(int(k) for k in ks))
     seeds = list(dict.fromkeys(int(s) for s in seeds))
-    modes = list(dict.fromkeys(modes))
-    if not ks or not seeds or not modes:
-        raise ValueError("ks, seeds and modes must each name at least one value")
-    for m in modes:
-        check_name(m, STUDY_MODES, "study mode")
-    check_arch(arch)
-    if epochs <= 0 or bs <= 0 or lr <= 0:
-        raise ValueError(f"epochs, bs and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
-    if "finetune" in modes and not 0 < freeze_epochs < epochs:
-        raise ValueError(f"finetune needs 0 < freeze_epochs < epochs, got freeze_epochs={freeze_epochs}, "
-                         f"epochs={epochs}")
+    if not ks or not seeds:
+        raise ValueError("ks and seeds must each name at least one value")
+    modes = check_plan(modes, STUDY_MODES, "study mode", arch, epochs, bs, lr, freeze_epochs)
     if curves_k is not None and curves_k not in ks:
         raise ValueError(f"curves_k={curves_k} must be one of the ks {ks}")
     src, tgt = tasks if tasks is not None else load_tasks(source, target, size, valid_pct=valid_pct)

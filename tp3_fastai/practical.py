@@ -135,7 +135,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
         log("== Part II: transfer learning ==")
         t = time.perf_counter()
         if weights is not False or images:
-            from .transfer import finetune_experiment
+            from .finetune import finetune_experiment
 
             folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
                                          bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,

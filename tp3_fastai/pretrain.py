@@ -20,6 +20,7 @@ from .image_data import DEFAULT_CACHE
 from .runs import read_json, write_json
 from .tasks import SourceTask, load_tasks, prepare, tensor_dls
 from .transfer import check_arch, resnet_learner
+from .weights import file_sha256
 
 BODY_CACHE = DEFAULT_CACHE / "bodies"
 # Measured here at k=10 labels per class (3-5 seeds, 20 epochs): resnet10t's body reached source accuracy 0.986
@@ -43,15 +44,6 @@ def body_key(config: dict[str, Any]) -> str:
     """The cache file stem of a configuration: '<arch>-<size>px-<n_in>ch-<digest>'."""
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     return f"{config['arch']}-{config['size']}px-{config['n_in']}ch-{digest}"
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def body_state_dict(learn: Learner) -> dict[str, torch.Tensor]:

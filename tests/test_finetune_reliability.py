@@ -1,0 +1,160 @@
+"""Part II reliability: checkpoints and resume of the finetune run (Ctrl-C, SIGKILL), in either phase of
+fine_tune, and image sizes too small for the network, refused before any work."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from tp3_fastai.finetune import finetune_experiment
+from tp3_fastai.image_data import image_dls
+from tp3_fastai.transfer import check_image_size, resnet_learner, train_mode
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = "test_resnet"  # timm's smallest ResNet: seconds per run on the CPU
+FAST = dict(arch=ARCH, size=32, bs=32, aug="none", device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _epochs(path: Path) -> list[int]:
+    with open(path, newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+class _Interrupt:
+    """A log that presses Ctrl-C when a line starts with `at` (CurvesCallback prints after the epoch's CSV row)."""
+
+    def __init__(self, at: str):
+        self.at, self.lines = at, []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if line.startswith(self.at):
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_then_resume_keeps_finished_modes_and_continues_the_head_only_phase(cache, tmp_path):
+    out = tmp_path / "run"
+    log = _Interrupt("finetune epoch 2/3")
+    with pytest.raises(KeyboardInterrupt):
+        finetune_experiment(modes=["scratch", "finetune"], epochs=3, freeze_epochs=2, out=out, cache_dir=cache,
+                            log=log, **FAST)
+    assert any(f"--resume {out}" in line for line in log.lines)
+    assert (out / "checkpoints" / "scratch" / "result.json").is_file() and not (out / "summary.json").exists()
+    # interrupted after epoch 2's CSV row, before its checkpoint: epoch 1 is the last saved
+    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 1
+    assert _epochs(out / "metrics_finetune.csv") == [1, 2]
+    lines = []
+    s = finetune_experiment(resume=out, cache_dir=cache, log=lines.append, device="cpu", progress=False)
+    assert "scratch: finished before, kept" in "\n".join(lines)
+    assert "finetune: resuming after epoch 1/3 (head-only phase)" in lines
+    assert s["resumed"] == {"scratch": 3, "finetune": 1}
+    assert not any(line.startswith("scratch epoch") for line in lines)  # nothing of scratch ran again
+    for mode in ("scratch", "finetune"):
+        assert _epochs(out / f"metrics_{mode}.csv") == [1, 2, 3]
+        assert s["modes"][mode]["epochs"] == 3 and s["modes"][mode]["best_epoch"] in (1, 2, 3)
+    assert (out / "model.pkl").is_file() and (out / "summary.json").is_file()
+    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 3
+
+
+class _Schedule(Callback):
+    """(trainable parameters, learning rates) at the first batch of every training epoch."""
+    order = 70  # after ParamScheduler (60) set the rates
+
+    def __init__(self):
+        self.seen = []
+
+    def before_batch(self):
+        if self.training and self.iter == 0:
+            trainable = sum(p.numel() for p in self.learn.model.parameters() if p.requires_grad)
+            self.seen.append((trainable, [round(float(h["lr"]), 12) for h in self.learn.opt.hypers]))
+
+
+@pytest.mark.parametrize("start", [1, 2, 3])  # inside the head-only phase, at its end, inside the unfrozen phase
+def test_resumed_fine_tune_follows_the_uninterrupted_schedule(cache, tmp_path, start):
+    dls = image_dls("lfw", size=32, bs=64, aug="none", cache_dir=cache)
+    runs = {}
+    for begin in (0, start):
+        learn = resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path, csv_path=tmp_path / f"{begin}.csv")
+        rec = _Schedule()
+        learn.add_cb(rec)
+        train_mode(learn, "finetune", epochs=4, lr=1e-3, freeze_epochs=2, start=begin)
+        runs[begin] = rec.seen
+        assert [r["epoch"] for r in learn.curves.history] == list(range(begin + 1, 5))
+    assert len(runs[0]) == 4 and runs[0][0][0] < runs[0][-1][0]  # head only, then everything
+    assert runs[start] == runs[0][start:]
+
+
+def test_sigkill_mid_finetune_then_resume_completes_every_epoch_once(cache, tmp_path):
+    out = tmp_path / "run"
+    args = ["--arch", ARCH, "--size", "32", "--bs", "32", "--aug", "none", "--device", "cpu", "--cache-dir",
+            str(cache)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args, "--modes", "finetune",
+                             "--epochs", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if line.startswith("finetune epoch 3/4") or time.time() > deadline:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "finetune" / "last.pth").is_file() and not (out / "summary.json").exists()
+    lines = []  # resumed in this process: one interpreter start less (the script's --resume: test below)
+    s = finetune_experiment(resume=out, device="cpu", cache_dir=cache, progress=False, log=lines.append)
+    # the kill lands after epoch 3's CSV row, before or after its checkpoint: both in the unfrozen phase
+    assert re.search(r"finetune: resuming after epoch [23]/4 \(unfrozen phase\)", "\n".join(lines)), lines
+    assert _epochs(out / "metrics_finetune.csv") == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["modes"] == s["modes"]
+    assert set(s["modes"]) == {"finetune"} and s["modes"]["finetune"]["epochs"] == 4
+    assert s["resumed"]["finetune"] in (2, 3) and (out / "model.pkl").is_file()
+    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 4
+
+
+def test_script_resume_of_a_folder_without_config_says_so(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "scripts" / "finetune.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as e:
+        script.main(resume=str(tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "config.json does not exist" in err and "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("arch, size, minimum", [("inception_v3", 64, "at least 75 px"),
+                                                  ("vit_tiny_patch16_224", 64, "224 px only")])
+def test_image_size_too_small_for_the_network_is_refused_up_front(arch, size, minimum, tmp_path):
+    with pytest.raises(ValueError, match=rf"image size {size} px is too small for {arch}.*{minimum}.*--size"):
+        check_image_size(arch, size)
+    with pytest.raises(ValueError, match="too small"):
+        finetune_experiment(arch=arch, size=size, epochs=2, out=tmp_path / "run", cache_dir=tmp_path)
+    assert not (tmp_path / "run").exists()  # nothing made before the refusal
+
+
+def test_learner_checks_its_body_against_the_image_size(cache, tmp_path):
+    dls = image_dls("lfw", size=32, bs=16, aug="none", cache_dir=cache)
+    with pytest.raises(ValueError, match="32 px is too small for InceptionV3: its body needs images of at least 75"):
+        resnet_learner(dls, "inception_v3", size=32, progress=False, log=None, path=tmp_path)
+    resnet_learner(dls, ARCH, size=32, progress=False, log=None, path=tmp_path)
+
+
+def test_non_positive_size_is_refused_and_resnets_take_any_size(tmp_path):
+    for size in (0, -32):
+        with pytest.raises(ValueError, match="image size must be a positive number of pixels"):
+            finetune_experiment(arch=ARCH, size=size, out=tmp_path / "run", cache_dir=tmp_path)
+    check_image_size("resnet18", 8)  # padding keeps a 1x1 feature map: no minimum
