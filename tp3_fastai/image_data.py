@@ -414,7 +414,7 @@ def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path:
         raise ValueError("no images to plot")
     ncols = ncols or min(n, 8)
     nrows = -(-n // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.7 * nrows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:

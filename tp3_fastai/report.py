@@ -40,6 +40,12 @@ def _inline(text: str) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
 
 
+def _td(value: Any) -> str:
+    """A table cell: numbers right-aligned (the page's default), text left-aligned."""
+    text = html.escape(_cell(value))
+    return f"<td>{text}</td>" if isinstance(value, (int, float)) else f'<td class="t">{text}</td>'
+
+
 def to_html(title: str, sections: Sequence[Section]) -> str:
     """The report as one HTML page (figures referenced beside it, tables as real tables)."""
     body = [f"<h1>{html.escape(title)}</h1>"]
@@ -51,8 +57,7 @@ def to_html(title: str, sections: Sequence[Section]) -> str:
         for rows, cols in s.tables:
             cols = list(cols or (rows[0] if rows else []))
             head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-            trs = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c, '')))}</td>" for c in cols) + "</tr>"
-                          for r in rows)
+            trs = "".join("<tr>" + "".join(_td(r.get(c, "")) for c in cols) + "</tr>" for r in rows)
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
         for path, caption in s.figures:
             body.append(f'<figure><img src="{html.escape(path)}" alt="{html.escape(caption)}">'
@@ -60,7 +65,7 @@ def to_html(title: str, sections: Sequence[Section]) -> str:
         body.append("</section>")
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 10px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+             "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child,td.t{text-align:left}"
              "img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:90%}"
              "code{background:#f5f5f5;padding:1px 4px}")
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
