@@ -85,6 +85,17 @@ def setup_distributed(device: torch.device, launch: LaunchConfig | None = None) 
     return device
 
 
+def join_launch(bs: int, device: torch.device, launch: LaunchConfig | None = None) -> tuple[torch.device, bool, int]:
+    """Check that the batch `bs` splits evenly over the launched processes, join their group (setup_distributed)
+    and return (this process's device, whether it is rank 0, the number of processes)."""
+    launch = launch or launch_config()
+    if bs % launch.world_size:
+        raise ValueError(f"batch size {bs} does not split evenly over {launch.world_size} processes: "
+                         f"use a multiple of {launch.world_size}")
+    dev = setup_distributed(device, launch)  # joins the process group when launched on several
+    return dev, is_main_process(), world_size()
+
+
 def _teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -20,8 +20,7 @@ from .checkpoint import CheckpointCallback, load_checkpoint, truncate_csv
 from .curves import CurvesCallback, plot_curves, read_curves
 from .device import env_info, pick_device, resolve_precision
 from .distributed import (LaunchConfig, as_single_process, backend_for, barrier, broadcast_object, digest,
-                          distributed_context, gather_object, is_main_process, launch_config, main_only, rank,
-                          setup_distributed, world_size)
+                          distributed_context, gather_object, join_launch, main_only, rank)
 from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, plot_image_grid, reseed,
                          show_batch_png)
 from .runs import markdown_table, new_run_dir, read_json, write_json
@@ -215,13 +214,8 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
     if resume is not None and saved["weights"] and weights.startswith("file:") and weights != saved["weights"]:
         raise ValueError(f"the weights file changed since the run started ({saved['weights']}, now {weights}): "
                          "resume needs the same file")
-    launch = launch or launch_config()
-    if bs % launch.world_size:
-        raise ValueError(f"batch size {bs} does not split evenly over {launch.world_size} processes: "
-                         f"use a multiple of {launch.world_size}")
-    dev = setup_distributed(pick_device(device), launch)  # joins the process group when launched on several
+    dev, main, world = join_launch(bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
-    main, world = is_main_process(), world_size()
     log = main_only(log)
     t0 = time.perf_counter()
     if main:  # rank 0 alone writes the embedded set or downloads (data, hub weights); the others then read them

@@ -14,7 +14,7 @@ from .curves import plot_curves, read_curves
 from .data import mnist_dls
 from .device import env_info, pick_device, resolve_precision
 from .distributed import (LaunchConfig, backend_for, broadcast_object, digest, distributed_context, gather_object,
-                          is_main_process, launch_config, main_only, rank, setup_distributed, world_size)
+                          join_launch, main_only, rank)
 from .learners import mnist_learner
 from .models import MODELS, check_name, count_params
 from .runs import markdown_table, new_run_dir, read_json, write_json
@@ -44,13 +44,8 @@ def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "c
         check_name(a, list(MODELS), "MNIST architecture")
     if epochs <= 0 or bs <= 0:
         raise ValueError(f"epochs and batch size must be positive, got epochs={epochs}, bs={bs}")
-    launch = launch or launch_config()
-    if bs % launch.world_size:
-        raise ValueError(f"batch size {bs} does not split evenly over {launch.world_size} processes: "
-                         f"use a multiple of {launch.world_size}")
-    dev = setup_distributed(pick_device(device), launch)  # joins the process group when launched on several
+    dev, main, world = join_launch(bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
-    main, world = is_main_process(), world_size()
     log = main_only(log)
     t0 = time.perf_counter()
     dls, test_dl = mnist_dls(source, seed=seed, bs=bs, device=dev)  # bad sources fail before any folder is made
