@@ -39,7 +39,7 @@ def transfer_section(run: Path, folder: dict) -> Section:
         [f"**Where the weights came from: {folder['weights']}.** "
          + ("ImageNet weights cannot be downloaded offline, so every mode starts from the same random init and the "
             "comparison shows the mechanics (what trains, what it costs), not the benefit of pretraining. Pass "
-            "`--pretrained True` online or `--weights PATH` (a state dict or safetensors file) for a real transfer."
+            "`--pretrained` online or `--weights PATH` (a state dict or safetensors file) for a real transfer."
             if folder["weights"] == "random init" else ""),
          f"Data: {folder['data']['source']}, {folder['size']} px, {folder['epochs']} epochs per mode, "
          f"device {folder['device_name']}, precision {folder['precision']}."],
@@ -67,7 +67,7 @@ def study_section(run: Path, study: dict) -> Section:
          f"target training. Each mode trains {cfg['arch']} ({cfg['size']} px) for {cfg['epochs']} epochs on k "
          f"labelled images per class (k = {', '.join(map(str, cfg['ks']))}; seeds {cfg['seeds']}), same data, "
          "same inputs, same learning rate. Cells: test accuracy, mean ± std over seeds (runs).",
-         "ImageNet weights cannot be downloaded offline; pass `--pretrained True` online or `--weights PATH` to run "
+         "ImageNet weights cannot be downloaded offline; pass `--pretrained` online or `--weights PATH` to run "
          "the ResNet50 image-folder experiment with them instead (`--images` picks the folder)."],
         [(study["table"], None), (modes, ("mode", "what", "train_seconds"))],
         [(rel("label_efficiency.png"), "Label efficiency: test accuracy against labelled images per class"),
