@@ -1,6 +1,10 @@
 """Shared fixtures: small real-data folders built from the embedded MNIST sample; one torch thread."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -39,3 +43,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_then_kill(cmd: list[str], when: str, timeout: float, env: dict | None = None) -> None:
+    """Start `cmd` and SIGKILL it as soon as it prints a line starting with `when` (or after `timeout` seconds)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + timeout
+    for line in proc.stdout:
+        if line.startswith(when) or time.time() > deadline:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

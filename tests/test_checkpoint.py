@@ -1,11 +1,8 @@
 """Checkpoints survive a SIGKILL mid-run, and --resume continues without duplicated or missing epochs."""
 import csv
 import re
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -13,6 +10,7 @@ import torch
 from tp3_fastai.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
 from tp3_fastai.data import mnist_dls
 from tp3_fastai.learners import mnist_learner
+from conftest import run_then_kill
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,13 +47,7 @@ def test_sigkill_mid_training_then_resume_completes_every_epoch_once(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--archs", "cnn", "--epochs", "4",
            "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        if line.startswith("cnn epoch 2/4") or time.time() > deadline:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_then_kill(cmd, "cnn epoch 2/4", timeout=240)
     assert (out / "checkpoints" / "cnn" / "last.pth").is_file()
     assert not (out / "summary.json").exists()
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--resume", str(out)],

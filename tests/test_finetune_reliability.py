@@ -7,10 +7,7 @@ import importlib.util
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from fastai.callback.core import Callback
 from tp3_fastai.finetune import finetune_experiment
 from tp3_fastai.image_data import image_dls
 from tp3_fastai.transfer import check_image_size, resnet_learner, train_mode
+from conftest import run_then_kill
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"  # timm's smallest ResNet: seconds per run on the CPU
@@ -105,15 +103,8 @@ def test_sigkill_mid_finetune_then_resume_completes_every_epoch_once(cache, tmp_
     args = ["--arch", ARCH, "--size", "32", "--bs", "32", "--aug", "none", "--device", "cpu", "--cache-dir",
             str(cache)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args, "--modes", "finetune",
-                             "--epochs", "4", "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if line.startswith("finetune epoch 3/4") or time.time() > deadline:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    run_then_kill([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args, "--modes", "finetune", "--epochs", "4",
+                   "--out", str(out)], "finetune epoch 3/4", timeout=120, env=env)
     assert (out / "checkpoints" / "finetune" / "last.pth").is_file() and not (out / "summary.json").exists()
     lines = []  # resumed in this process: one interpreter start less (the script's --resume: test below)
     s = finetune_experiment(resume=out, device="cpu", cache_dir=cache, progress=False, log=lines.append)
