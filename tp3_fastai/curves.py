@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from fastai.callback.core import Callback
 from torch.nn.parallel import DistributedDataParallel
+from .runs import pyplot, save_figure
 
 COLUMNS = ("epoch", "train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "seconds")
 
@@ -97,10 +98,7 @@ def read_curves(csv_path: str | Path) -> list[dict[str, float]]:
 def plot_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
                 title: str = "", accuracy_only: bool = False):
     """Loss and accuracy per epoch for several runs (train dashed, valid solid, one colour per run), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     metrics = ["accuracy"] if accuracy_only else ["loss", "accuracy"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
@@ -118,8 +116,4 @@ def plot_curves(runs: Mapping[str, Sequence[Mapping[str, float]]], path: str | P
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)

@@ -23,7 +23,7 @@ from .distributed import (LaunchConfig, as_single_process, backend_for, barrier,
                           distributed_context, gather_object, join_launch, main_only, rank)
 from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, plot_image_grid, reseed,
                          show_batch_png)
-from .runs import markdown_table, new_run_dir, read_json, write_json
+from .runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 from .transfer import MODES, check_image_size, check_plan, resnet_learner, set_mode, train_mode
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights
 
@@ -49,10 +49,7 @@ def confusion_matrix(preds: torch.Tensor, targs: torch.Tensor, n_classes: int) -
 def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,
                    title: str = "") -> Path:
     """The confusion matrix as an annotated heat map, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(classes)
     side = max(3.5, 0.5 * n + 2)
@@ -70,11 +67,7 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
                 ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=9,
                         color="white" if m[i, j] > m.max() / 2 else "black")
     ax.set_title(title or f"accuracy {float(m.trace() / m.sum()):.3f}")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def _spread(items: list[int], k: int) -> list[int]:
@@ -266,6 +259,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
             if (ckpt / "result.json").is_file():  # finished before an interruption: kept as it was
                 results[mode] = read_json(ckpt / "result.json")
                 resumed[mode] = epochs
+                history = read_curves(csv_path) if main else []
                 log(f"{mode}: finished before, kept ({ckpt / 'result.json'})")
             else:
                 set_seed(seed, reproducible=True)  # every mode gets the same head init, augmentation draws ...
@@ -312,7 +306,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
                 del learn
             r = results[mode]
             label = f"{mode} (random init)" if r["weights"] == RANDOM_INIT and mode != "scratch" else mode
-            histories[label] = read_curves(csv_path) if main else []
+            histories[label] = history
     except KeyboardInterrupt:
         log(f"\ninterrupted during {mode}: every completed epoch is saved in {run / 'checkpoints'}; continue with "
             f"resume={str(run)!r} (scripts/finetune.py --resume {run})")

@@ -24,6 +24,7 @@ from fastcore.basics import using_attr
 from PIL import Image
 
 from .data import IMAGE_EXTS, download, stratified_split
+from .runs import pyplot, save_figure
 
 DEFAULT_CACHE = Path("~/.cache/tp3_fastai")
 LFW_VALID_PCT, LFW_SEED = 0.25, 0  # part of the embedded set's definition: every run sees the same split
@@ -379,18 +380,11 @@ def image_dls(source: str | Path = "lfw", size: int = 224, bs: int = 64, valid_p
 
 def show_batch_png(dls: DataLoaders, path: str | Path, n: int = 16, valid: bool = False, title: str = "") -> Path:
     """A grid of `n` images of one batch (augmented, denormalised) with their labels, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     dl = dls.valid if valid else dls.train
     samples = dl.decode_batch(dl.one_batch(), max_n=n)
     images = [s[0] for s in samples]
     labels = [str(s[1]) for s in samples]
-    plot_image_grid(images, labels, path, title=title or f"{'valid' if valid else 'train'} batch")
-    plt.close("all")
-    return Path(path)
+    return plot_image_grid(images, labels, path, title=title or f"{'valid' if valid else 'train'} batch")
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:
@@ -404,10 +398,7 @@ def to_display(image: torch.Tensor) -> np.ndarray:
 def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path: str | Path, title: str = "",
                     colours: Sequence[str] | None = None, ncols: int | None = None) -> Path:
     """Images in a grid, each with a title (optionally coloured), saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(images)
     if n == 0:
@@ -423,11 +414,7 @@ def plot_image_grid(images: Sequence[torch.Tensor], titles: Sequence[str], path:
             ax.set_title(titles[i], fontsize=8, color=colours[i] if colours else "black")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=100)
 
 
 def info_dict(dls: DataLoaders) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from .device import env_info, pick_device, resolve_precision
 from .image_data import plot_image_grid
 from .models import check_name
 from .pretrain import BODY_CACHE, DEFAULT_ARCH, describe_body, pretrained_body
-from .runs import markdown_table, new_run_dir, read_json, write_json
+from .runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 from .tasks import SourceTask, TargetTask, load_tasks, prepare, tensor_dls
 from .transfer import check_plan, resnet_learner, train_mode
 
@@ -85,12 +85,6 @@ class RecalibrateBN(Callback):
         recalibrate_bn(self.learn)
 
 
-def _with_lr_mult(learn: Learner, lr_mult: float) -> None:
-    """Make `learn.fine_tune` use `lr_mult` (transfer.train_mode does not pass one yet: fastai's 100)."""
-    fine_tune = type(learn).fine_tune
-    learn.fine_tune = lambda *args, **kwargs: fine_tune(learn, *args, **{"lr_mult": lr_mult, **kwargs})
-
-
 def target_run(target: TargetTask, mode: str, k: int, seed: int, weights: bool | str | Path, arch: str = DEFAULT_ARCH,
                size: int = 32, n_in: int = 1, mean: float = MNIST_MEAN, std: float = MNIST_STD, epochs: int = 20,
                bs: int = 32, lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 1.0,
@@ -105,8 +99,6 @@ def target_run(target: TargetTask, mode: str, k: int, seed: int, weights: bool |
     `csv_path`: write the per-epoch curves there (valid columns need a target validation set).
     """
     check_name(mode, STUDY_MODES, "study mode")
-    if lr_mult <= 0:
-        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
     x, y = target.train(k, seed)
@@ -118,13 +110,10 @@ def target_run(target: TargetTask, mode: str, k: int, seed: int, weights: bool |
     learn = resnet_learner(dls, arch, pretrained=False if mode == "scratch" else weights, n_in=n_in,
                            precision=prec, train_bn=train_bn, csv_path=csv_path, progress=progress, log=log, lr=lr,
                            name=mode)
-    if mode == "finetune":
-        _with_lr_mult(learn, lr_mult)
     if recalibrate and csv_path is not None and len(target.y_valid):
         learn.add_cb(RecalibrateBN())
-    done = train_mode(learn, fastai_mode, epochs, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn)
-    if mode == "finetune":
-        done["phases"][-1]["lr"] = f"slice({lr / 2 / lr_mult:.3g}, {lr / 2:.3g})"
+    done = train_mode(learn, fastai_mode, epochs, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn,
+                      lr_mult=lr_mult)
     start = time.perf_counter()
     recalibrated = recalibrate_bn(learn) if recalibrate else []
     recal_seconds = time.perf_counter() - start
@@ -165,10 +154,7 @@ def plot_label_efficiency(accuracy: dict[str, dict[str, list[float]]], path: str
                           title: str = "") -> Path:
     """Test accuracy against labelled images per class (log axis): one line per mode at the seed mean, the band
     from the worst to the best seed, every seed as a dot. Saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7.6, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -191,11 +177,7 @@ def plot_label_efficiency(accuracy: dict[str, dict[str, list[float]]], path: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 def study_title(config: dict[str, Any], source_accuracy: float | None = None) -> str:
@@ -271,6 +253,8 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     seeds = list(dict.fromkeys(int(s) for s in seeds))
     if not ks or not seeds:
         raise ValueError("ks and seeds must each name at least one value")
+    if lr_mult <= 0:
+        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
     modes = check_plan(modes, STUDY_MODES, "study mode", arch, epochs, bs, lr, freeze_epochs)
     if curves_k is not None and curves_k not in ks:
         raise ValueError(f"curves_k={curves_k} must be one of the ks {ks}")

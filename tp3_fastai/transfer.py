@@ -221,11 +221,12 @@ def _tag_phases(learn: Learner, first_row: int, phases: list[dict]) -> None:
 
 
 def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_epochs: int = 1,
-               train_bn: bool | None = None, start: int = 0) -> dict[str, Any]:
+               train_bn: bool | None = None, start: int = 0, lr_mult: float = 100) -> dict[str, Any]:
     """Train in one of the practical's modes; `epochs` counts every pass, so all modes get the same budget.
 
     scratch: `fit_one_cycle(epochs, lr)` on everything. finetune: `fine_tune(epochs - freeze_epochs, lr,
-    freeze_epochs)`: the head alone first, then everything with discriminative rates (body lr/200, head lr/2).
+    freeze_epochs, lr_mult=lr_mult)`: the head alone first, then everything with discriminative rates (body
+    lr/2/lr_mult, head lr/2; fastai's default lr_mult=100 leaves the body almost frozen on a few dozen steps).
     frozen: `freeze()` then `fit_one_cycle(epochs, lr)`: only the head (and BatchNorm if `train_bn`) learns.
     Every mode trains the weights the learner holds: build a scratch learner with pretrained=False.
     `start`: epochs already done (a resumed run, weights and optimizer loaded): the schedule skips them, in
@@ -239,6 +240,8 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
                          f"freeze_epochs={freeze_epochs}, epochs={epochs}")
     if not 0 <= start <= epochs:
         raise ValueError(f"start must lie in [0, epochs={epochs}], got {start}")
+    if lr_mult <= 0:
+        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
     first_row = len(learn.curves.history) if hasattr(learn, "curves") else 0
     set_mode(learn, mode, train_bn)
     shift = PhaseEpochs([freeze_epochs, epochs - freeze_epochs] if mode == "finetune" else [epochs], start)
@@ -246,8 +249,8 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
     t0 = time.perf_counter()
     if mode == "finetune":
         phases = [_phase(learn, freeze_epochs, lr)]
-        learn.fine_tune(epochs - freeze_epochs, base_lr=lr, freeze_epochs=freeze_epochs, cbs=cbs)
-        phases.append(_phase(learn, epochs - freeze_epochs, f"slice({lr / 200:.3g}, {lr / 2:.3g})"))
+        learn.fine_tune(epochs - freeze_epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, cbs=cbs)
+        phases.append(_phase(learn, epochs - freeze_epochs, f"slice({lr / 2 / lr_mult:.3g}, {lr / 2:.3g})"))
     else:
         phases = [_phase(learn, epochs, lr)]
         learn.fit_one_cycle(epochs, lr, cbs=cbs)

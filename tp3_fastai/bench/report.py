@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .modes import FREEZE_MODES
+from ..runs import pyplot, save_figure
 
 
 def _ms(s: Mapping[str, float]) -> str:
@@ -84,10 +85,7 @@ def bench_markdown(result: Mapping[str, Any]) -> str:
 
 def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
     """Bar chart: training throughput per mode and lever (log scale), and the loop / pipeline comparison."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ok = [r for r in result["grid"] if r["status"] == "ok"]
     extra = [(f"{r['mode']} | {r['loop']}", r["images_per_s"]) for r in result["overhead"]]
@@ -125,8 +123,4 @@ def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
         for i, (_, v) in enumerate(extra):
             ax.text(v, i, f" {v:.3g}", va="center", fontsize=7)
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
