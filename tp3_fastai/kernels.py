@@ -77,7 +77,8 @@ def mnist_cnn_grid(run_dir: str | Path, where: str = "in Part I") -> KernelGrid:
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
     summary = read_json(run_dir / "summary.json")
     cnn = next(m for m in summary["models"] if m["model"] == "cnn")
-    source = (f"SmallCNN trained from scratch {where}: {cnn['epochs']} epochs on {summary['data']}, test "
+    epochs = f"{cnn['epochs']} epoch" + ("s" if cnn["epochs"] != 1 else "")
+    source = (f"SmallCNN trained from scratch {where}: {epochs} on {summary['data']}, test "
               f"accuracy {cnn['test_accuracy']:.3f}; checkpoint {ckpt}")
     return kernel_grid(model, "MNIST CNN", source)
 
