@@ -33,6 +33,11 @@ def test_parameters_depth_and_multiply_adds_of_every_architecture(table):
 def test_stage_shapes_are_the_models_own(table):
     for name in ("vgg16", "resnet50"):
         model = build_architecture(name)
+        ends = [model.get_submodule(n) for _, n in stage_nodes(model)]
+        if name == "vgg16":   # the five max-pools that close VGG's blocks
+            assert len(ends) == 5 and all(isinstance(m, torch.nn.MaxPool2d) for m in ends)
+        else:                 # the stem's max-pool, then the four stages
+            assert ends == [model.maxpool, model.layer1, model.layer2, model.layer3, model.layer4]
         shapes = {}
         for _, node in stage_nodes(model):
             model.get_submodule(node).register_forward_hook(

@@ -27,6 +27,7 @@ def test_the_report_shows_every_part_with_the_numbers_the_parts_wrote(report):
                   "## Part I: MLP vs CNN on MNIST", "## Part II: transfer learning with few labels",
                   "## Part III: receptive fields of timm:resnet18", "## Run"):
         assert title in md
+    assert md.index("## Part 0: layers") < md.index("## Part I:")  # the review comes first
     part1 = json.loads((report / "part1_mnist" / "summary.json").read_text())
     for m in part1["models"]:  # the table holds the test accuracy each model reached
         assert re.search(rf"\| {m['model']} \| {m['params']:,} \|.*\| {m['test_accuracy']:.4g} \|\n", md), m
