@@ -89,6 +89,8 @@ def kernel_review(out: str | Path, mnist_run: str | Path | None = None, body: st
             grids.append(("kernels_imagenet.png", imagenet_grid(weights, arch)))
         except DownloadError as e:
             notes.append(f"{arch} ImageNet weights not available: {e}")
+        except ValueError as e:   # a file of another architecture: say so, keep the rest of the report
+            notes.append(f"the weights given do not load into {arch}: {e}")
     kernels = []
     for name, grid in grids:
         kernels.append(grid_summary(grid, plot_kernel_grid(grid, out / name)))
