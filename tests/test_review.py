@@ -121,3 +121,20 @@ def test_a_missing_weights_file_is_refused_before_any_part_runs(tmp_path):
         run_practical(parts=("layers",), weights=tmp_path / "nope.safetensors", out=tmp_path / "r",
                       log=lambda s: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_kernel_review_shows_a_weights_files_first_layer_or_says_why_not(part0, tmp_path):
+    from tp3_fastai.review import kernel_review
+
+    torch.manual_seed(2)
+    body = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    path = tmp_path / "r18.pth"
+    torch.save(body.state_dict(), path)
+    cnn_run = part0 / "part0_layers" / "mnist_cnn"   # trained by the fixture's run
+    ok = kernel_review(tmp_path / "ok", mnist_run=cnn_run, weights=path, arch="resnet18",
+                       cache_dir=tmp_path / "none", log=lambda s: None)
+    assert [k["filters"] for k in ok["kernels"]] == [10, 64] and str(path.resolve()) in ok["kernels"][1]["source"]
+    assert (tmp_path / "ok" / "kernels_imagenet.png").stat().st_size > 10_000
+    bad = kernel_review(tmp_path / "bad", mnist_run=cnn_run, weights=path, arch="resnet50",
+                        cache_dir=tmp_path / "none", log=lambda s: None)
+    assert len(bad["kernels"]) == 1 and any("do not load into resnet50" in n for n in bad["kernel_notes"])
