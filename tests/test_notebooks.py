@@ -20,5 +20,5 @@ def test_notebook_executes_without_error(path, tmp_path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    expected = {"01": "cnn: test accuracy", "02": "body pretrained here on MNIST digits 0,1,2,3,4", "03": "agrees: True"}[path.name[:2]]
+    expected = {"00": "PyTorch (8, 16, 2551), slide (8, 16, 2501)", "01": "cnn: test accuracy", "02": "body pretrained here on MNIST digits 0,1,2,3,4", "03": "agrees: True"}[path.name[:2]]
     assert expected in printed

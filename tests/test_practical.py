@@ -23,9 +23,11 @@ def report(tmp_path_factory):
 
 def test_the_report_shows_every_part_with_the_numbers_the_parts_wrote(report):
     md = (report / "report.md").read_text()
-    for title in ("## Part I: MLP vs CNN on MNIST", "## Part II: transfer learning with few labels",
+    for title in ("## Part 0: layers, shapes and weights", "## Part 0: what a first layer learns",
+                  "## Part I: MLP vs CNN on MNIST", "## Part II: transfer learning with few labels",
                   "## Part III: receptive fields of timm:resnet18", "## Run"):
         assert title in md
+    assert md.index("## Part 0: layers") < md.index("## Part I:")  # the review comes first
     part1 = json.loads((report / "part1_mnist" / "summary.json").read_text())
     for m in part1["models"]:  # the table holds the test accuracy each model reached
         assert re.search(rf"\| {m['model']} \| {m['params']:,} \|.*\| {m['test_accuracy']:.4g} \|\n", md), m
@@ -37,17 +39,23 @@ def test_the_report_shows_every_part_with_the_numbers_the_parts_wrote(report):
     # resnet18's last stage sees 435 px with a jump of 32, analytic and measured (64 px input, grown to measure)
     assert "| layer4.1.act2 | 435x435 | 32x32 | 435x435 | yes |" in md and "| maxpool | 11x11 | 4x4 | 11x11 | yes |" in md
     assert all(m["agrees"] for m in rf["measurements"]) and len(rf["measurements"]) == md.count(" | yes |")
+    # Part 0 shows the first layers of Part I's CNN and of Part II's body, saying where each came from
+    kernels = json.loads((report / "part0_layers" / "summary.json").read_text())["kernels"]
+    assert len(kernels) == 2 and kernels[0]["shape"] == [10, 1, 5, 5] and kernels[0]["filters"] == 10
+    assert "trained from scratch in Part I: 1 epoch on" in kernels[0]["source"] and kernels[0]["source"] in md
+    assert study["body"]["sha256"][:16] in kernels[1]["source"] and kernels[1]["source"] in md
 
 
 def test_every_figure_of_the_report_exists_and_the_html_embeds_it(report):
     md = (report / "report.md").read_text()
     html = (report / "report.html").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert len(figures) == 5  # Part I curves; Part II label efficiency, curves, predictions; Part III ERF
+    assert len(figures) == 9  # Part 0 architectures, activations, 2 kernel grids; Part I curves; Part II label
+    # efficiency, curves, predictions; Part III ERF
     for f in figures:
         assert (report / f).stat().st_size > 5_000, f
         assert f'src="{f}"' in html
-    assert html.count("<table") == md.count("\n|---|") == 4
+    assert html.count("<table") == md.count("\n|---|") == 8
 
 
 def test_part_two_runs_the_image_folder_experiment_when_given_images(tmp_path):
@@ -62,5 +70,5 @@ def test_run_command_rejects_a_bad_part_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_all.py"), "--parts", "mnist,transfr",
                         "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown part(s) transfr: choose from "
-                                                                   "mnist, transfer, rf"]
+                                                                   "layers, mnist, transfer, rf"]
     assert not (tmp_path / "r").exists()

@@ -5,6 +5,7 @@ import inspect
 import shlex
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,7 +93,7 @@ def bench_mnist(
 
 @call_parse
 def run(
-    parts: str = "mnist,transfer,rf",  # comma-separated parts: mnist, transfer, rf
+    parts: str = "layers,mnist,transfer,rf",  # comma-separated parts: layers (Part 0), mnist, transfer, rf
     mnist: str = "sample",  # MNIST source: sample, full or a folder
     mnist_epochs: int = 10,  # epochs per MNIST model
     ks: str = "10,50",  # Part II offline study: labelled target digits per class, comma-separated
@@ -299,12 +300,15 @@ def bench_freeze(
     out: str = "runs/bench_freeze",  # run folder (a new -2, -3, ... if it holds files)
     overwrite: bool = False,  # replace the run folder instead
     cache_dir: str = "~/.cache/tp3_fastai",  # where the generated JPEG folder is written once
+    compare: str = "",  # OTHER/bench.json: ratio to that run per cell (same arch/size/bs); A.json,B.json: no measuring
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
     from .bench import bench_training_modes
+    from .bench.compare import bench_and_compare
 
     command = command_line()
-    return run_guarded(bench_training_modes, arch=arch, size=size, bs=bs, steps=steps, repeats=repeats,
+    fn = partial(bench_and_compare, compare) if compare else bench_training_modes
+    return run_guarded(fn, arch=arch, size=size, bs=bs, steps=steps, repeats=repeats,
                        warmup=warmup, modes=modes, precisions=precisions, formats=formats, compile=compile,
                        cudnn_benchmark=cudnn_benchmark, overhead=not no_overhead, overhead_modes=overhead_modes,
                        pipeline=not no_pipeline, pipeline_modes=pipeline_modes, data=data, jpeg_images=jpeg_images,

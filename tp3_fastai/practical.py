@@ -1,4 +1,5 @@
-"""The whole practical in one call: Part I (MNIST), Part II (transfer), Part III (receptive fields), one report."""
+"""The whole practical in one call: Part 0 (the review: layers, architectures, first layers), Part I (MNIST),
+Part II (transfer), Part III (receptive fields), one report."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,46 @@ from .pretrain import describe_body
 from .report import Section, write_report
 from .runs import new_run_dir, write_json
 
-PARTS = ("mnist", "transfer", "rf")
+PARTS = ("layers", "mnist", "transfer", "rf")
+
+
+def layers_sections(run: Path, review: dict) -> list[Section]:
+    """Report sections of Part 0 from the summary of `review.layers_review` + `review.kernel_review`."""
+    from .layers import LAYER_COLUMNS
+    from .review import SOFTMAX_LOGITS, STEM_COLUMNS
+
+    rel = lambda p: str(Path(p).relative_to(run))  # noqa: E731
+    kernels = review.get("kernels", [])
+    return [
+        Section("Part 0: layers, shapes and weights",
+                ["The course's layer examples, computed by the package and checked against PyTorch's own modules "
+                 "(column pytorch: the module run on the meta device). Output-size rule of a convolution or "
+                 f"pooling: `{review['size_rule']}`; weights of a convolution: `out_channels x (in_channels x k^d) "
+                 "+ out_channels`. Memory: float32 activations of one forward pass. Where the course's slides "
+                 "print another value, column slide shows it and the notes say why.", *review["layer_notes"]],
+                [(review["layers"], LAYER_COLUMNS)]),
+        Section("Part 0: VGG and ResNet",
+                [f"torchvision definitions (no weights needed) at {review['input_size']} px: parameters, weighted "
+                 "depth (convolutions and linear layers on the longest path), multiply-adds (G) for one image, and "
+                 "at the end of each stage (ResNet: stem, layer1..4; VGG: the five max-pools) the output shape, "
+                 "the receptive field R and the jump J in pixels, from the receptive-field module's traced graph.",
+                 "The slides compute the ResNet50 field after the first max-pool as 9x9 and after the first block "
+                 "as 17x17, taking the max-pool's kernel as 2; it is 3 (`nn.MaxPool2d(kernel_size=3, stride=2, "
+                 "padding=1)`). Second table: both recurrences next to the field measured by back-propagation "
+                 "through the model."],
+                [(review["architectures"], None), (review["stem"], STEM_COLUMNS)],
+                [(rel(review["figures"]["architectures"]), "VGG and ResNet: size, cost and field per stage")]),
+        Section("Part 0: activations and softmax",
+                [f"Softmax over the vector {SOFTMAX_LOGITS}: exp(z) / sum(exp(z)), next to `torch.softmax`."],
+                [(review["softmax"], ("z", "exp_z", "probability", "torch_softmax"))],
+                [(rel(review["figures"]["activations"]), "Activations and their derivatives (autograd)")]),
+        Section("Part 0: what a first layer learns",
+                [*[f"**{k['title']}** ({k['layer']}, {'x'.join(map(str, k['shape']))}, {k['filters']} filters). "
+                   f"Where the weights came from: {k['source']}." for k in kernels],
+                 *review.get("kernel_notes", [])],
+                [],
+                [(rel(k["figure"]), f"First-layer kernels: {k['title']}") for k in kernels]),
+    ]
 
 
 def mnist_section(run: Path, summary: dict) -> Section:
@@ -110,6 +150,8 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                   overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print) -> Path:
     """Run the chosen parts into one folder and write report.md and report.html there; returns the folder.
 
+    Part 0 (`layers`): the course's layer examples, VGG / ResNet, activations, and the first-layer kernels of the
+    parts that ran (Part I's CNN trained for 2 epochs, the cached body, if those parts did not run).
     Part II: without `weights` and `images`, the offline study (a body pretrained here on digits 0-4, then k
     labelled digits 5-9 per class for `ks` and `seeds`); with hub weights (`weights=True`), a weights file or an
     image folder, the `arch` experiment on `images` (default: the embedded LFW faces). `study_options`: more
@@ -118,10 +160,22 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
+    if weights is not False and weights is not True:
+        from .weights import weights_path
+
+        weights_path(weights)   # a missing weights file fails here, before any part runs
     run = new_run_dir(out, overwrite)
     t0 = time.perf_counter()
     sections: list[Section] = []
     timings: dict[str, float] = {}
+    mnist_run = body = None
+    if "layers" in parts:
+        from .review import layers_review
+
+        log("== Part 0: layers, shapes and weights; VGG and ResNet ==")
+        t = time.perf_counter()
+        review = layers_review(run / "part0_layers", log=log)
+        timings["layers"] = time.perf_counter() - t
     if "mnist" in parts:
         from .mnist import train_mnist
 
@@ -131,6 +185,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                               out=run / "part1_mnist", overwrite=True, log=log)
         timings["mnist"] = time.perf_counter() - t
         sections.append(mnist_section(run, summary))
+        mnist_run = summary["run_dir"]
     if "transfer" in parts:
         log("== Part II: transfer learning ==")
         t = time.perf_counter()
@@ -148,6 +203,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                                      precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
                                      **(study_options or {}))
             sections.append(study_section(run, study))
+            body = (study.get("body") or {}).get("path")
         timings["transfer"] = time.perf_counter() - t
     if "rf" in parts:
         from .receptive_field import receptive_field_run
@@ -162,6 +218,17 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                                   out=run / "part3_erf", overwrite=True, seed=seed, log=log)
         timings["rf"] = time.perf_counter() - t
         sections.append(rf_section(run, table, erf))
+    if "layers" in parts:
+        from .review import kernel_review
+
+        log("== Part 0: first-layer kernels ==")
+        t = time.perf_counter()
+        opts = study_options or {}
+        review = kernel_review(run / "part0_layers", mnist_run=mnist_run, body=body, weights=weights, arch=arch,
+                               cache_dir=opts.get("cache_dir"), body_arch=opts.get("arch"), seed=seed,
+                               device=device, log=log)
+        timings["layers"] += time.perf_counter() - t
+        sections[:0] = layers_sections(run, review)  # the review comes before Part I in the report
     timings["total"] = time.perf_counter() - t0
     sections.append(Section("Run", [f"Wall time per part (seconds): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}."]))
     write_json(run / "practical.json", dict(parts=list(parts), seconds=timings, mnist=mnist, images=str(images),
