@@ -254,6 +254,33 @@ def test_a_dropped_connection_leaves_nothing_and_the_next_call_completes(mirror,
     assert splits.sizes() == {"train": 100, "valid": 20, "test": 120} and mirror.requests["/mnist_png.tgz"] == 2
 
 
+# A process killed mid-extraction (os._exit: no `finally` runs, as with SIGKILL or a power cut) after 40 files.
+KILLED_MID_EXTRACTION = """
+import os, sys, tarfile
+from tp3_fastai.download import download
+extract, done = tarfile.TarFile._extract_member, []
+def dying(self, *args, **kwargs):
+    done.append(1)
+    if len(done) > 40:
+        os._exit(9)
+    return extract(self, *args, **kwargs)
+tarfile.TarFile._extract_member = dying
+download("MNIST", "https://example.org/mnist_png.tgz", "-", cache_dir=sys.argv[1], mirror=sys.argv[2])
+"""
+
+
+def test_a_kill_mid_extraction_leaves_no_dataset_folder_and_the_next_call_completes(mirror, tmp_path):
+    cache = tmp_path / "cache"
+    p = subprocess.run([sys.executable, "-c", KILLED_MID_EXTRACTION, str(cache), mirror.url], capture_output=True,
+                       text=True, timeout=120, env=offline_guard.guard_env(tmp_path / "guard"))
+    assert p.returncode == 9, p.stderr
+    left = [e.name for e in (cache / "data").iterdir()]
+    assert "mnist_png" not in left and any(n.startswith(".mnist_png-") for n in left)  # only the temporary folder
+    assert sum(1 for _ in next((cache / "data").glob(".mnist_png-*")).rglob("*.png")) > 0  # it was half-extracted
+    splits = load_mnist("full", cache_dir=cache, mirror=mirror.url)
+    assert splits.sizes() == {"train": 100, "valid": 20, "test": 120} and mirror.requests["/mnist_png.tgz"] == 2
+
+
 @pytest.mark.parametrize("path, name", [("/mnist_png.tgz", "full"), ("/hymenoptera_data.zip", "hymenoptera")])
 def test_a_corrupt_archive_gives_one_line_naming_it_and_leaves_nothing(mirror, tmp_path, path, name):
     cache = tmp_path / "cache"
