@@ -268,8 +268,9 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
     `valid_pct`, or a flat folder labelled by `label_re`).
 
     Item transforms run on the CPU (random resized crop for training, centre crop for validation); batch
-    transforms run on `device`: `aug_transforms` (see parse_aug) and ImageNet normalisation, which every
-    mode then shares. `dls.info` (a FolderInfo) records the layout, classes and split sizes.
+    transforms run on `device`: `aug_transforms` (see parse_aug) and normalisation by `stats` (ImageNet's by
+    default; hub weights bring their own, see weights.normalization), which every mode then shares. `dls.info`
+    (a FolderInfo) records the layout, classes and split sizes.
 
     Bad data is dealt with before any training, always the same way: files whose extension is not an image's
     (notes.txt, labels.csv) are skipped and listed in `dls.info.skipped`; an image file that cannot be decoded
