@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -252,6 +253,21 @@ def test_a_dropped_connection_leaves_nothing_and_the_next_call_completes(mirror,
     assert _leftovers(cache) == []  # no partial archive, no half-extracted folder
     splits = load_mnist("full", cache_dir=cache, mirror=mirror.url)
     assert splits.sizes() == {"train": 100, "valid": 20, "test": 120} and mirror.requests["/mnist_png.tgz"] == 2
+
+
+def test_a_failed_download_on_rank_0_stops_every_rank_of_a_launch(tmp_path):
+    # torchrun, 2 processes (gloo): rank 0 downloads while rank 1 waits; a refused mirror must stop both with the
+    # error, rank 1 too, instead of leaving it waiting for rank 0 until the launcher kills it
+    env = offline_guard.guard_env(tmp_path / "guard", dict(os.environ, OMP_NUM_THREADS="1"))
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "scripts" / "train_mnist.py"), "--source", "full", "--mirror", "http://127.0.0.1:9",
+           "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert p.returncode != 0
+    assert p.stderr.count("error: could not download MNIST from http://127.0.0.1:9/mnist_png.tgz") == 2, p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # A process killed mid-extraction (os._exit: no `finally` runs, as with SIGKILL or a power cut) after 40 files.

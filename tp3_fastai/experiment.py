@@ -49,6 +49,20 @@ def resume_config(run: str | Path, keys: Sequence[str], what: str) -> dict[str, 
     return saved
 
 
+def on_rank_zero(fetch: Callable[[], Any], main: bool) -> None:
+    """Run `fetch` (a download) on rank 0 while the other ranks wait; an error there is raised on every rank,
+    so that they stop with it instead of waiting for rank 0 forever."""
+    error = None
+    if main:
+        try:
+            fetch()
+        except Exception as e:  # whatever rank 0 raises, the others raise too
+            error = e
+    error = broadcast_object(error)
+    if error is not None:
+        raise error
+
+
 def open_run(out: str | Path, overwrite: bool, resume: str | Path | None, main: bool) -> Path:
     """The run folder on every rank: `resume` itself, or a new one that rank 0 makes (`out`, else `out-2`, ...)."""
     return broadcast_object((Path(resume) if resume is not None else new_run_dir(out, overwrite)) if main else None)

@@ -18,9 +18,10 @@ from fastai.torch_core import set_seed
 from .checkpoint import CheckpointCallback, load_checkpoint
 from .curves import CurvesCallback, plot_curves, read_curves
 from .device import env_info, pick_device, resolve_precision
-from .distributed import (LaunchConfig, as_single_process, backend_for, barrier, broadcast_object, digest,
+from .distributed import (LaunchConfig, as_single_process, backend_for, broadcast_object, digest,
                           distributed_context, gather_object, join_launch, main_only, rank)
-from .experiment import RunContext, distributed_summary, launch_note, open_run, resume_config, resume_unit
+from .experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
+                         resume_unit)
 from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, parse_aug, plot_image_grid,
                          reseed, show_batch_png)
 from .runs import markdown_table, pyplot, read_json, save_figure, write_json
@@ -229,11 +230,12 @@ def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
                   mirror: str | None, log: Callable[[str], None] | None) -> DataLoaders:
     """Rank 0 fetches what is online (hub weights, a named source's archive) while the others wait; then every
     rank reads the DataLoaders, refused when the training set holds less than one batch."""
-    if main:
+    def fetch() -> None:
         if plan.transfers and plan.pretrained is True:
             check_weights(True, plan.arch)  # downloaded or found in the Hugging Face cache: the learners read it there
         image_source(plan.data, cache_dir, mirror, log)
-    barrier()
+
+    on_rank_zero(fetch, main)
     set_seed(plan.seed, reproducible=True)
     dls = image_dls(plan.data, size=plan.size, bs=plan.bs // world, seed=plan.seed, aug=plan.aug, device=dev,
                     cache_dir=cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]))

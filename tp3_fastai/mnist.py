@@ -13,8 +13,9 @@ from .checkpoint import CheckpointCallback
 from .curves import plot_curves, read_curves
 from .data import DEFAULT_CACHE, TensorLoader, load_mnist, mnist_dls, mnist_source
 from .device import env_info, pick_device, resolve_precision
-from .distributed import LaunchConfig, barrier, digest, distributed_context, gather_object, join_launch, main_only, rank
-from .experiment import RunContext, distributed_summary, launch_note, open_run, resume_config, resume_unit
+from .distributed import LaunchConfig, digest, distributed_context, gather_object, join_launch, main_only, rank
+from .experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
+                         resume_unit)
 from .learners import mnist_learner
 from .models import MODELS, check_name, count_params
 from .runs import markdown_table, write_json
@@ -80,9 +81,8 @@ def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "c
 def mnist_data(source: str | Path, seed: int, bs: int, dev: torch.device, cache_dir: str | Path, mirror: str | None,
                main: bool, log: Callable[[str], None] | None) -> tuple[DataLoaders, TensorLoader]:
     """The DataLoaders and test loader of `source`; rank 0 downloads 'full' first, the others then read it."""
-    if main and str(source) == "full":
-        mnist_source(source, cache_dir, mirror, log)
-    barrier()
+    if str(source) == "full":
+        on_rank_zero(lambda: mnist_source(source, cache_dir, mirror, log), main)
     splits = load_mnist(source, seed=seed, cache_dir=cache_dir, mirror=mirror)
     return mnist_dls(source, seed=seed, bs=bs, device=dev, splits=splits)
 
