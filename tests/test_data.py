@@ -82,11 +82,10 @@ def test_corrupt_image_is_named_in_the_error(tmp_path, mnist_folder):
         load_mnist(root)
 
 
-def test_offline_full_download_names_the_sample_as_alternative(monkeypatch):
-    # an address that refuses at once: a real failed download, without waiting on DNS
-    monkeypatch.setattr("fastai.data.external.URLs.MNIST", "http://127.0.0.1:9/mnist_png.tgz")
+def test_offline_full_download_names_the_sample_as_alternative(tmp_path):
+    # a mirror that refuses at once: a real failed download, without waiting on DNS
     with pytest.raises(DownloadError, match=r"could not download MNIST.*source='sample'"):
-        load_mnist("full")
+        load_mnist("full", mirror="http://127.0.0.1:9", cache_dir=tmp_path)
 
 
 def test_bad_fractions_are_rejected():

@@ -181,17 +181,12 @@ def test_validation_crop_is_central_and_keeps_aspect():
     assert (out[..., 0] > 200).all() and (out[..., 1] < 50).all()
 
 
-def test_named_download_offline_gives_clear_error(monkeypatch, tmp_path):
-    import fastai.data.external
-
-    def offline(url, *args, **kwargs):
-        raise OSError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(fastai.data.external, "untar_data", offline)
-    with pytest.raises(DownloadError, match="hymenoptera.*offline.*lfw"):
-        image_source("hymenoptera", cache_dir=tmp_path)
+def test_named_download_offline_gives_clear_error(tmp_path):
+    refused = "http://127.0.0.1:9"  # a mirror that refuses at once: a real failed download, without waiting on DNS
+    with pytest.raises(DownloadError, match="hymenoptera.*127.0.0.1:9/hymenoptera_data.zip.*Offline.*lfw"):
+        image_source("hymenoptera", cache_dir=tmp_path, mirror=refused)
     with pytest.raises(DownloadError, match="pets"):
-        image_dls("pets", cache_dir=tmp_path)
+        image_source("pets", cache_dir=tmp_path, mirror=refused)
 
 
 def test_show_batch_png(cache, tmp_path):

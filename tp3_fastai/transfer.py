@@ -21,6 +21,7 @@ from torch import nn
 from .learners import setup_learner
 from .models import check_name, count_params
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
+from .weights import check_normalization
 
 MODES = ("scratch", "finetune", "frozen")
 MAX_IMAGE_SIZE = 4096  # the search for the smallest image a body accepts stops here
@@ -113,13 +114,15 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
 
     `pretrained`: True (ImageNet weights from the timm / Hugging Face hub), False (random init) or the path of a
     .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with
-    weights_only). Normalisation is left to the DataLoaders (see image_data.folder_dls). The learner records
+    weights_only). Normalisation is left to the DataLoaders (see image_data.folder_dls); with hub weights, a fastai
+    Normalize in them must use the pretrained configuration's statistics (weights.normalization). The learner records
     `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). With
     `size` (the DataLoaders' image side) the body is checked to accept it (check_image_size) before anything trains.
     """
     check_arch(arch)
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
+    check_normalization(dls, pretrained, arch, n_in)  # hub weights expect their pretrained config's mean and std
     file = weights_path(pretrained)
     weights, weights_info = describe_weights(pretrained, arch)
     hub_sd = None

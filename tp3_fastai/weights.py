@@ -1,5 +1,6 @@
-"""Weights for a timm body: the hub (ImageNet), a local file (safetensors or a state dict, loaded with
-weights_only), or none; where they came from, said once in words for every report."""
+"""Weights for a timm body: the hub (ImageNet, through timm's own pretrained path), a local file (safetensors or a
+state dict, loaded with weights_only), or none; the normalisation they expect; where they came from, said once in
+words for every report; and `check_weights`, which tries all of it before any run folder is made."""
 from __future__ import annotations
 
 
@@ -12,10 +13,11 @@ import timm
 import torch
 from torch import nn
 
-from .data import DownloadError
+from .download import DownloadError
 
 
 RANDOM_INIT = "random init"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # fastai's imagenet_stats, timm's default
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
 STRIP_PREFIXES = ("module.", "0.model.", "model.")  # DataParallel, a fastai Learner's state dict, timm wrappers
 WeightsArg = bool | str | Path
@@ -116,7 +118,24 @@ def load_body_weights(body: nn.Module, path: str | Path, n_in: int = 3) -> dict[
     return dict(ignored_keys=dropped, adapted_first_conv=adapted, n_in=n_in)
 
 
+def hub_cfg(arch: str) -> dict[str, Any]:
+    """timm's pretrained configuration of `arch` (its default tag when none is given); {} when timm has none."""
+    try:
+        cfg = timm.get_pretrained_cfg(arch)
+    except (RuntimeError, ValueError, KeyError):
+        return {}
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def hub_id(arch: str) -> str:
+    """Where timm takes `arch`'s pretrained weights from: the Hugging Face hub id (e.g. timm/resnet18.a1_in1k)."""
+    cfg = hub_cfg(arch)
+    return cfg.get("hf_hub_id") or cfg.get("url") or arch
+
+
 def hub_state_dict(arch: str, n_in: int) -> tuple[dict[str, torch.Tensor], str]:
+    """The body state dict timm's own `pretrained=True` path gives (hub download or the Hugging Face cache; classifier
+    dropped; first conv adapted to `n_in` channels), and the hub id; a DownloadError that says what to do instead."""
     try:
         model = timm.create_model(arch, pretrained=True, num_classes=0, in_chans=n_in)
     except RuntimeError as e:
@@ -132,10 +151,59 @@ def hub_state_dict(arch: str, n_in: int) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _hub_message(arch: str, e: Exception) -> str:
-    return (f"could not download ImageNet weights for {arch} from the timm / Hugging Face hub "
+    return (f"could not download ImageNet weights for {arch} ({hub_id(arch)}) from the timm / Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Are you offline? Instead pass a local "
             "weights file: pretrained=PATH (or --weights PATH), a .safetensors or .pth state dict of the same timm "
             "architecture; or train from a random init with pretrained=False.")
+
+
+def check_weights(pretrained: WeightsArg, arch: str, n_in: int = 3) -> None:
+    """Raise before any training if the weights cannot be used: a missing or unreadable file (a pickle that
+    weights_only refuses, another architecture) is loaded into a fresh `arch` body; hub weights are fetched (or
+    found in the Hugging Face cache) through timm, so the learners built afterwards read them from the cache."""
+    path = weights_path(pretrained)
+    if path is not None:
+        load_body_weights(timm.create_model(arch, pretrained=False, num_classes=0, in_chans=n_in), path, n_in)
+    elif pretrained is True:
+        hub_state_dict(arch, n_in)
+
+
+def normalization(pretrained: WeightsArg, arch: str, n_in: int = 3) -> dict[str, Any]:
+    """The mean and std (per channel, on 0-1 pixels) that inputs get: the pretrained configuration's for hub
+    weights (averaged over channels when `n_in` differs), ImageNet's otherwise; and where they came from."""
+    cfg = hub_cfg(arch) if pretrained is True else {}
+    if cfg.get("mean") and cfg.get("std"):
+        mean, std, origin = list(cfg["mean"]), list(cfg["std"]), f"timm pretrained config of {hub_id(arch)}"
+    else:
+        mean, std, origin = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet statistics (fastai imagenet_stats)"
+    if len(mean) != n_in:
+        mean, std = [sum(mean) / len(mean)] * n_in, [sum(std) / len(std)] * n_in
+    return dict(mean=mean, std=std, source=origin)
+
+
+def check_normalization(dls: Any, pretrained: WeightsArg, arch: str, n_in: int = 3) -> None:
+    """Raise when hub weights meet DataLoaders whose fastai Normalize uses other statistics than the weights'
+    pretrained configuration (DataLoaders without one, e.g. MNIST tensors normalised beforehand, pass)."""
+    if pretrained is not True:
+        return
+    from fastai.data.transforms import Normalize
+
+    want = normalization(True, arch, n_in)
+    for tfm in getattr(getattr(getattr(dls, "train", None), "after_batch", None), "fs", []):
+        if isinstance(tfm, Normalize):
+            mean, std = tfm.mean.flatten().tolist(), tfm.std.flatten().tolist()
+            if len(mean) != len(want["mean"]) or not (
+                    torch.allclose(torch.tensor(mean), torch.tensor(want["mean"]), atol=1e-4)
+                    and torch.allclose(torch.tensor(std), torch.tensor(want["std"]), atol=1e-4)):
+                raise ValueError(
+                    f"these DataLoaders normalise with mean {_fmt(mean)} and std {_fmt(std)}, but {hub_id(arch)} "
+                    f"was pretrained on inputs normalised with mean {_fmt(want['mean'])} and std {_fmt(want['std'])} "
+                    f"({want['source']}): build them with stats=(mean, std) from weights.normalization(True, "
+                    f"{arch!r}), e.g. folder_dls(..., stats=...)")
+
+
+def _fmt(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def describe_weights(pretrained: WeightsArg, arch: str = "") -> tuple[str, dict | None]:
@@ -143,4 +211,4 @@ def describe_weights(pretrained: WeightsArg, arch: str = "") -> tuple[str, dict 
     path = weights_path(pretrained)
     if path is not None:
         return f"file: {path.resolve()} (sha256 {file_sha256(path)[:16]})", read_sidecar(path)
-    return (f"timm hub: {arch}" if pretrained else RANDOM_INIT), None
+    return (f"timm hub: {hub_id(arch)}" if pretrained else RANDOM_INIT), None
