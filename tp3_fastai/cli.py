@@ -107,6 +107,7 @@ def run(
     seed: int = 42,  # seed of Parts I and III (and of the image-folder experiment)
     out: str = "runs/practical",  # report folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing report folder instead
+    pipeline: str = "auto",  # Part II image-folder experiment: input pipeline (auto, pil, device, cached)
 ):
     "The whole practical on the embedded data: every part, then report.md and report.html."
     from .practical import run_practical
@@ -119,7 +120,7 @@ def run(
 
     run_guarded(checked, parts=parts, mnist=mnist, mnist_epochs=mnist_epochs, ks=ks, seeds=seeds, images=images,
                 arch=arch, transfer_epochs=transfer_epochs, pretrained=pretrained, weights=weights, device=device,
-                precision=precision, seed=seed, out=out, overwrite=overwrite)
+                precision=precision, seed=seed, out=out, overwrite=overwrite, pipeline=pipeline)
 
 
 @call_parse
@@ -144,6 +145,7 @@ def finetune(
     overwrite: bool = False,  # replace the run folder instead
     cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written once
     resume: str = None,  # run folder of an interrupted run: continue it with its config.json's arguments
+    pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .finetune import finetune_experiment
@@ -157,7 +159,7 @@ def finetune(
     run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
                 weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
                 channels_last=channels_last, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
-                cache_dir=cache_dir, resume=resume)
+                cache_dir=cache_dir, resume=resume, pipeline=pipeline)
 
 
 @call_parse
@@ -299,6 +301,7 @@ def bench_freeze(
     out: str = "runs/bench_freeze",  # run folder (a new -2, -3, ... if it holds files)
     overwrite: bool = False,  # replace the run folder instead
     cache_dir: str = "~/.cache/tp3_fastai",  # where the generated JPEG folder is written once
+    pipeline: str = "pil,device,cached",  # input pipelines compared side by side in the pipeline section
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
     from .bench import bench_training_modes
@@ -310,7 +313,7 @@ def bench_freeze(
                        pipeline=not no_pipeline, pipeline_modes=pipeline_modes, data=data, jpeg_images=jpeg_images,
                        num_workers=num_workers, epoch_images=epoch_images, epochs_estimate=epochs_estimate, lr=lr,
                        device=device, seed=seed, count_reads=not no_count_reads, threads=threads, quick=quick, out=out,
-                       overwrite=overwrite, cache_dir=cache_dir, command=command)
+                       overwrite=overwrite, cache_dir=cache_dir, command=command, pipelines=pipeline)
 
 
 COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetune, "predict": predict,

@@ -178,7 +178,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
                         out: str | Path = "runs/finetune", overwrite: bool = False,
                         cache_dir: str | Path = DEFAULT_CACHE, progress: bool | None = None,
                         resume: str | Path | None = None, log: Callable[[str], None] = print,
-                        launch: LaunchConfig | None = None) -> dict:
+                        launch: LaunchConfig | None = None, pipeline: str = "auto") -> dict:
     """Train `arch` on `data` in each mode; write config.json, metrics_<mode>.csv, comparison.png, show_batch.png,
     predictions.png, confusion_matrix.png, model.pkl (the best mode), summary.json and summary.md.
 
@@ -217,14 +217,16 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
             hub_state_dict(arch, 3)
     barrier()
     set_seed(seed, reproducible=True)
-    dls = image_dls(data, size=size, bs=bs // world, seed=seed, aug=aug, device=dev, cache_dir=cache_dir)
+    dls = image_dls(data, size=size, bs=bs // world, seed=seed, aug=aug, device=dev, cache_dir=cache_dir,
+                    pipeline=pipeline)
     # rank 0 names the run folder (a new -2, -3, ... if it exists) and tells the others
     run = broadcast_object((Path(resume) if resume is not None else new_run_dir(out, overwrite)) if main else None)
     env = env_info(dev)
     config = dict(data=str(data), arch=arch, size=size, bs=bs, epochs=epochs, modes=modes,
                   pretrained=pretrained if isinstance(pretrained, bool) else str(pretrained), weights=weights, lr=lr,
                   freeze_epochs=freeze_epochs, train_bn=train_bn, aug=aug, seed=seed, device=str(dev), precision=prec,
-                  channels_last=channels_last, optimizer="fastai Adam (wd 0.01 decoupled)", world_size=world, env=env)
+                  channels_last=channels_last, optimizer="fastai Adam (wd 0.01 decoupled)", world_size=world, env=env,
+                  pipeline=pipeline, pipeline_ran=dls.info.pipeline)
     if world > 1:
         config.update(bs_per_process=bs // world, backend=backend_for(dev))
     if resume is None and main:

@@ -107,7 +107,8 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                   study_options: dict[str, Any] | None = None, rf_arch: str = "timm:resnet50", rf_size: int = 224,
                   device: str = "auto",
                   precision: str = "auto", out: str | Path = "runs/practical",
-                  overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print) -> Path:
+                  overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print,
+                  pipeline: str = "auto") -> Path:
     """Run the chosen parts into one folder and write report.md and report.html there; returns the folder.
 
     Part II: without `weights` and `images`, the offline study (a body pretrained here on digits 0-4, then k
@@ -139,7 +140,8 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
 
             folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
                                          bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,
-                                         precision=precision, out=run / "part2_transfer", overwrite=True, log=log)
+                                         precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
+                                         pipeline=pipeline)
             sections.append(transfer_section(run, folder))
         else:
             from .label_efficiency import label_efficiency
