@@ -302,6 +302,7 @@ def bench_freeze(
     overwrite: bool = False,  # replace the run folder instead
     cache_dir: str = "~/.cache/tp3_fastai",  # where the generated JPEG folder is written once
     pipeline: str = "pil,device,cached",  # input pipelines compared side by side in the pipeline section
+    pipeline_aug: str = "default",  # augmentation in the pipeline section ('none': decoding and crops alone)
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
     from .bench import bench_training_modes
@@ -313,7 +314,8 @@ def bench_freeze(
                        pipeline=not no_pipeline, pipeline_modes=pipeline_modes, data=data, jpeg_images=jpeg_images,
                        num_workers=num_workers, epoch_images=epoch_images, epochs_estimate=epochs_estimate, lr=lr,
                        device=device, seed=seed, count_reads=not no_count_reads, threads=threads, quick=quick, out=out,
-                       overwrite=overwrite, cache_dir=cache_dir, command=command, pipelines=pipeline)
+                       overwrite=overwrite, cache_dir=cache_dir, command=command, pipelines=pipeline,
+                       pipeline_aug=pipeline_aug)
 
 
 COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetune, "predict": predict,

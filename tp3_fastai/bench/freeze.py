@@ -117,12 +117,14 @@ def bench_training_modes(arch: str | None = None, size: int | None = None, bs: i
                          out: str | Path = "runs/bench_freeze", overwrite: bool = False,
                          cache_dir: str | Path = "~/.cache/tp3_fastai", quick: bool = False, command: str = "",
                          threads: int | None = None, log: Callable[[str], None] | None = print,
-                         pipelines: str | Sequence[str] = ("pil", "device", "cached")) -> dict[str, Any]:
+                         pipelines: str | Sequence[str] = ("pil", "device", "cached"),
+                         pipeline_aug: str = "default") -> dict[str, Any]:
     """Training throughput, step time (median, min, max) and peak memory of a timm model in each training mode
     (unfrozen; frozen with train_bn True / False; frozen on precomputed features) crossed with the speed levers
     (precision, memory format, torch.compile, cudnn.benchmark); the fastai loop against a plain PyTorch loop;
     synthetic on-device batches against the real image pipelines (`pipelines`: pil, device, cached, auto; see
-    tp3_fastai.pipeline), side by side on the same folder. Writes config.json, bench.json, bench.md and
+    tp3_fastai.pipeline), side by side on the same folder, with augmentation `pipeline_aug` (see
+    image_data.parse_aug; 'none' times decoding and cropping alone). Writes config.json, bench.json, bench.md and
     bench.png into a new run folder and returns what bench.json holds.
 
     Unset sizes (and the overhead / pipeline modes) come from the preset: `quick` (resnet18, 64 px, batch 16; loop
@@ -146,7 +148,7 @@ def bench_training_modes(arch: str | None = None, size: int | None = None, bs: i
 def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisions, formats, compile, cudnn_benchmark,
                           overhead, overhead_modes, pipeline, pipeline_modes, data, jpeg_images, num_workers,
                           n_classes, epoch_images, epochs_estimate, lr, device, seed, count_reads, out, overwrite,
-                          cache_dir, quick, command, log, pipelines) -> dict[str, Any]:
+                          cache_dir, quick, command, log, pipelines, pipeline_aug) -> dict[str, Any]:
     from fastai.data.core import DataLoaders
 
     t_start = time.perf_counter()
@@ -186,7 +188,7 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
                cpu_count=os.cpu_count())
     config = dict(cfg, arch=arch, modes=modes, precisions=precisions, formats=formats, compile=compile,
                   cudnn_benchmark=cudnn_benchmark, overhead_modes=overhead_modes, pipeline_modes=pipeline_modes,
-                  pipelines=pipelines,
+                  pipelines=pipelines, pipeline_aug=pipeline_aug,
                   data=data, num_workers=num_workers, n_classes=n_classes, epochs_estimate=epochs_estimate, lr=lr,
                   device=str(dev), device_name=device_name(dev), loop_precision=loop_precision, seed=seed,
                   quick=quick, command=command, env=env, load_average_start=load_average())
@@ -202,7 +204,7 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
 
         kw = {} if num_workers is None else dict(num_workers=num_workers)
         for p in pipelines:  # the same folder, split and augmentation through each input pipeline
-            pipe_dls[p] = image_dls(folder, size=size, bs=bs, seed=seed, aug="default", device=dev,
+            pipe_dls[p] = image_dls(folder, size=size, bs=bs, seed=seed, aug=pipeline_aug, device=dev,
                                     cache_dir=cache_dir, pipeline=p, **kw)
         n_classes = next(iter(pipe_dls.values())).c
     batches = synthetic_batches(4, bs, size, n_classes, dev, seed)

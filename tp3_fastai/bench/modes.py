@@ -308,7 +308,8 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
         del loops, syn_loop
         free_device_memory(dev)
     info = getattr(first_dls, "info", None)
-    return dict(loader=loaders[0], loaders=loaders, rows=rows, pipelines=list(pipe_dls),
+    aug = getattr(getattr(first_dls, "augmentation", None), "name", None)
+    return dict(loader=loaders[0], loaders=loaders, rows=rows, pipelines=list(pipe_dls), aug=aug,
                 data=str(getattr(info, "source", "")),
                 note="loader alone: training batches drawn (reading, decoding, crops, collation, device copy, "
                      "aug_transforms, Normalize) with no model; ratio_vs_synthetic: step time / the plain loop's on "

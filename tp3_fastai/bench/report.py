@@ -84,9 +84,10 @@ def pipeline_markdown(p: Mapping[str, Any]) -> list[str]:
     loaders = p.get("loaders") or [dict(p["loader"], pipeline="pil")]
     first = loaders[0]["pipeline"]
     lines = ["", f"## Input pipelines: synthetic on-device batches vs real images ({p['data']})", "",
-             "Loader alone (training batches: reading, decoding, crops, collation, device copy, aug_transforms, "
-             "Normalize; no model). Pipelines alternate round by round; step ms: median [min-max] per batch; cache "
-             "fill: the one-off decode into the cache (the cached pipeline's first epoch).", "",
+             f"Loader alone (training batches with augmentation '{p.get('aug') or 'default'}': reading, decoding, "
+             "crops, collation, device copy, batch augmentation, Normalize; no model). Pipelines alternate round by "
+             "round; step ms: median [min-max] per batch; cache fill: the one-off decode into the cache (the cached "
+             "pipeline's first epoch).", "",
              f"| pipeline | workers | images/s | ms/batch | max/min | x {first} | cache fill s | cached / streamed |",
              "|---|---|---|---|---|---|---|---|"]
     for r in loaders:
