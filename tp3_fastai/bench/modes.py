@@ -261,27 +261,37 @@ def bench_loaders(pipe_dls: Mapping[str, Any], dev: torch.device, warmup: int, s
 
 def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Sequence[str], dev: torch.device,
                    precision: str, seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
-                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = print, channels_last: bool | None = None) -> dict[str, Any]:
     """Synthetic on-device batches against each input pipeline of `pipe_dls` ({name: DataLoaders}, e.g. pil,
     device, cached: see tp3_fastai.pipeline) on the same image folder: each loader alone, then training steps of
     the plain loop on synthetic batches and, per pipeline, of the plain loop, the package's Learner and the tuned
-    Learner on real batches; loops and pipelines alternate round by round."""
+    Learner on real batches; loops and pipelines alternate round by round. Models train as the practical would on
+    the device: `channels_last` defaults to True on CUDA (with AMP `precision`), False on a CPU."""
+    from fastai.callback.channelslast import ChannelsLast
+
+    cl = dev.type == "cuda" if channels_last is None else channels_last
     loaders, streams = bench_loaders(pipe_dls, dev, warmup, steps, repeats, bs, log)
     first_dls = next(iter(pipe_dls.values()))
-    batches = synthetic_batches(2, bs, size, first_dls.c, dev, seed + 1)
+    batches = synthetic_batches(2, bs, size, first_dls.c, dev, seed + 1, channels_last=cl)
+
+    def model(dls, mode):
+        m = mode_learner(dls, arch, mode, seed, precision).model
+        return m.to(memory_format=torch.channels_last) if cl else m
+
+    def learner(mode, tuned=False):
+        learn = mode_learner(first_dls, arch, mode, seed, precision, lr=lr, tuned=tuned)
+        return learn.add_cb(ChannelsLast()) if cl else learn
+
     rows = []
     for mode in modes:
         check_name(mode, ["unfrozen", "frozen_train_bn", "frozen"], "pipeline mode")
         bn_eval = mode == "frozen"
         loops = {
-            "plain": PlainLoop(mode_learner(first_dls, arch, mode, seed, precision).model, dev, precision, lr,
-                               bn_eval=bn_eval),
-            "package": LearnerLoop(mode_learner(first_dls, arch, mode, seed, precision, lr=lr), dev, lr),
-            "tuned": LearnerLoop(mode_learner(first_dls, arch, mode, seed, precision, lr=lr, tuned=True), dev, lr,
-                                 "tuned"),
+            "plain": PlainLoop(model(first_dls, mode), dev, precision, lr, bn_eval=bn_eval),
+            "package": LearnerLoop(learner(mode), dev, lr),
+            "tuned": LearnerLoop(learner(mode, tuned=True), dev, lr, "tuned"),
         }
-        syn_loop = PlainLoop(mode_learner(syn_dls, arch, mode, seed, precision).model, dev, precision, lr,
-                             bn_eval=bn_eval)
+        syn_loop = PlainLoop(model(syn_dls, mode), dev, precision, lr, bn_eval=bn_eval)
         cells = [("plain", "synthetic", None)] + [(lp, "real", p) for p in pipe_dls for lp in loops]
         times: dict[tuple, list[float]] = {c: [] for c in cells}
         for r in range(repeats):
@@ -310,6 +320,7 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
     info = getattr(first_dls, "info", None)
     aug = getattr(getattr(first_dls, "augmentation", None), "name", None)
     return dict(loader=loaders[0], loaders=loaders, rows=rows, pipelines=list(pipe_dls), aug=aug,
+                memory_format="channels_last" if cl else "contiguous",
                 data=str(getattr(info, "source", "")),
                 note="loader alone: training batches drawn (reading, decoding, crops, collation, device copy, "
                      "aug_transforms, Normalize) with no model; ratio_vs_synthetic: step time / the plain loop's on "
