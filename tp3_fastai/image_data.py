@@ -276,7 +276,7 @@ def scan_folder(path: str | Path, valid_pct: float = 0.2, seed: int = 42, label_
 def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float = 0.2, seed: int = 42,
                aug: str | Augmentation = "default", label_re: str | None = None, device: torch.device | str | None = None,
                num_workers: int | None = None, verify: bool = True, source: str = "", pipeline: str = "auto",
-               cache_budget: float | int | None = None, cache_dir: str | Path | None = DEFAULT_CACHE) -> DataLoaders:
+               cache_budget: float | int | None = None, cache_dir: str | Path | None = None) -> DataLoaders:
     """fastai DataLoaders from an image folder (train/ + valid/ or val/, one folder split by seeded, stratified
     `valid_pct`, or a flat folder labelled by `label_re`).
 
@@ -293,7 +293,8 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
     Bad data is dealt with before any training, always the same way: files whose extension is not an image's
     (notes.txt, labels.csv) are skipped and listed in `dls.info.skipped`; an image file that cannot be decoded
     (corrupt, truncated, not really an image) stops here with one ValueError listing every such file (`verify`;
-    files checked before with the same size and mtime are remembered in `cache_dir` and not opened again);
+    with `cache_dir`, as image_dls gives, files that passed before with the same size and mtime are remembered
+    there and not opened again);
     an empty class folder, a single class or an empty split stop with a ValueError naming the folder. Images
     of any mode (grayscale, palette, RGBA, 16-bit grayscale) load as 8-bit RGB (see `to_rgb`).
     """

@@ -69,7 +69,6 @@ class DecodeCropResize(RandTransform):
         """The batch at the stored size (uint8 B x 3 x S x S on the device) and the original sizes (B x 2: w, h),
         from the cache where it holds the current file, decoded otherwise (and then cached if it has a slot)."""
         s, dev, cache = self.stored, self.device, self.cache
-        out = torch.empty((len(x), 3, s, s), dtype=torch.uint8, device=dev)
         sizes = torch.empty(len(x), 2)
         hit_pos, hit_slots, todo = [], [], []
         for i, (path, sig) in enumerate(zip(x.paths, x.signatures)):
@@ -81,8 +80,13 @@ class DecodeCropResize(RandTransform):
                 hit_slots.append(slot)
         if hit_pos:
             pos, slots = torch.tensor(hit_pos), torch.tensor(hit_slots)
-            out[pos.to(dev)] = cache.images[slots.to(cache.device)].to(dev)
             sizes[pos] = cache.sizes[slots]
+            cached = cache.images[slots.to(cache.device)].to(dev)
+            if not todo:  # the whole batch is cached: one gather
+                return cached, sizes
+        out = torch.empty((len(x), 3, s, s), dtype=torch.uint8, device=dev)
+        if hit_pos:
+            out[pos.to(dev)] = cached
         if todo:
             images = decode_images([x.encoded(i) for i in todo], [x.pixels[i] for i in todo],
                                    [x.paths[i] for i in todo], dev)
