@@ -67,7 +67,8 @@ def test_every_pipeline_gives_pils_classes_labels_shapes_dtype_and_normalisation
         assert d.info.sizes() == ref.info.sizes() == {"train": 32, "valid": 8}
         x, y = d.one_batch()
         rx, ry = ref.one_batch()
-        assert type(x) is type(rx) and x.shape == rx.shape == (8, 3, SIZE, SIZE) and x.dtype == rx.dtype == torch.float32
+        assert type(x) is type(rx) and x.shape == rx.shape == (8, 3, SIZE, SIZE)
+        assert x.dtype == rx.dtype == torch.float32
         assert type(y) is type(ry) and y.dtype == ry.dtype
         norm = [t for t in d.after_batch.fs if isinstance(t, Normalize)]
         ref_norm = [t for t in ref.after_batch.fs if isinstance(t, Normalize)]
@@ -149,7 +150,8 @@ def test_random_resized_boxes_follow_fastais_distribution(w, h):
 def _ramp(side: int) -> torch.Tensor:
     """A coordinate image: red = x, green = y (0-255 across the image), blue 128."""
     r = torch.linspace(0, 255, side)
-    return torch.stack([r.expand(side, side), r[:, None].expand(side, side), torch.full((side, side), 128.)]).round().to(torch.uint8)
+    planes = [r.expand(side, side), r[:, None].expand(side, side), torch.full((side, side), 128.)]
+    return torch.stack(planes).round().to(torch.uint8)
 
 
 def test_the_batch_crop_applies_the_drawn_boxes_and_flips_half_the_images():
@@ -204,7 +206,8 @@ def test_the_check_is_remembered_by_path_size_and_mtime(jpegs, tmp_path, monkeyp
     memory = memory_file(tmp_path / "cache", root)
     opened: list[str] = []
     real_open = image_data.Image.open
-    monkeypatch.setattr(image_data.Image, "open", lambda f, *a, **k: opened.append(Path(f).name) or real_open(f, *a, **k))
+    monkeypatch.setattr(image_data.Image, "open",
+                        lambda f, *a, **k: opened.append(Path(f).name) or real_open(f, *a, **k))
     check_images(files, memory)
     assert len(opened) == 40 and len(json.loads(memory.read_text())["files"]) == 40
     opened.clear()

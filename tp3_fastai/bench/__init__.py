@@ -30,7 +30,8 @@ __all__ = [
     "plain_epoch", "bench_mnist_loop",
     # modes
     "FREEZE_MODES", "MODE_LABELS", "LEVER_PRECISIONS", "MEMORY_FORMATS", "LOOPS", "LOOP_LABELS",
-    "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead", "bench_loaders", "bench_pipeline",
+    "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead", "bench_loaders",
+    "bench_pipeline",
     # freeze
     "CPU_MEMORY_NOTE", "PRESETS", "jpeg_folder", "resolve_config", "bench_training_modes",
     # report

@@ -96,6 +96,10 @@ def pipeline_markdown(p: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {name} | {r['workers']} | {r['images_per_s']:.4g} | {_ms(r['step_ms'])} | "
                      f"{_opt(r.get('max_over_min'))} | {_opt(r.get('ratio_vs_first'))} | {_opt(r.get('fill_s'))} | "
                      f"{cached} |")
+    from ..pipeline import PIPELINE_LABELS
+
+    lines += ["", "Pipelines: " + "; ".join(f"**{k}**: {v}" for k, v in PIPELINE_LABELS.items()
+                                          if any(r.get("ran", r["pipeline"]) == k for r in loaders)) + "."]
     lines += ["", f"Training steps ({p['rows'][0]['precision'] if p['rows'] else '-'}, "
               f"{p.get('memory_format', 'contiguous')}), each loop fed by each pipeline (x plain real: step time / the "
               "plain loop's on the same pipeline):", "",

@@ -17,7 +17,9 @@ from .files import EncodedImage, ImageBatch, collate_images, jpeg_components, si
 from .loader import ImageFolderDL
 from .transforms import DecodeCropResize, ReadImage
 
-__all__ = ["PIPELINES", "PIPELINE_LABELS", "check_pipeline", "choose_pipeline", "default_workers", "device_dls", "find_decoder",
+__all__ = ["PIPELINES", "PIPELINE_LABELS", "check_pipeline", "choose_pipeline", "default_workers", "device_dls",
+           "find_decoder",
            "fill_cache", "DecodedCache", "cache_budget", "free_memory", "centre_boxes", "crop_resize", "draw_flips",
            "random_resized_boxes", "DecodeError", "decode_images", "stored_size", "to_stored", "EncodedImage",
-           "ImageBatch", "collate_images", "jpeg_components", "signature", "DecodeCropResize", "ImageFolderDL", "ReadImage"]
+           "ImageBatch", "collate_images", "jpeg_components", "signature", "DecodeCropResize", "ImageFolderDL",
+           "ReadImage"]

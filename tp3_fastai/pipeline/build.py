@@ -44,9 +44,10 @@ def choose_pipeline(pipeline: str, device: torch.device, n_images: int, size: in
     if pipeline != "auto":
         return pipeline, "asked for"
     need, have = n_images * image_bytes(stored_size(size)), cache_budget(device, budget)
+    what = f"{n_images} images need {need / 2**20:,.0f} MiB decoded"
     if need <= have:
-        return "cached", f"{n_images} images need {need / 2**20:,.0f} MiB decoded, within the budget ({have / 2**20:,.0f} MiB)"
-    return "device", f"{n_images} images need {need / 2**20:,.0f} MiB decoded, over the budget ({have / 2**20:,.0f} MiB)"
+        return "cached", f"{what}, within the budget ({have / 2**20:,.0f} MiB)"
+    return "device", f"{what}, over the budget ({have / 2**20:,.0f} MiB)"
 
 
 def default_workers(pipeline: str, device: torch.device) -> int:

@@ -20,7 +20,8 @@ def random_resized_boxes(sizes: torch.Tensor, min_scale: float, ratio: tuple[flo
     if none fits, the largest centred box within `ratio`."""
     w, h = sizes[:, :1].double(), sizes[:, 1:].double()
     b = len(sizes)
-    area = (min_scale + (max_scale - min_scale) * torch.rand(b, ATTEMPTS, generator=generator, dtype=torch.float64)) * w * h
+    u = torch.rand(b, ATTEMPTS, generator=generator, dtype=torch.float64)
+    area = (min_scale + (max_scale - min_scale) * u) * w * h
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     r = torch.exp(lo + (hi - lo) * torch.rand(b, ATTEMPTS, generator=generator, dtype=torch.float64))
     nw, nh = torch.round(torch.sqrt(area * r)), torch.round(torch.sqrt(area / r))

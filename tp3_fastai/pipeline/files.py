@@ -107,7 +107,8 @@ class ImageBatch:
         self.offsets = np.cumsum([0] + [len(d) for d in datas]).tolist()
         self.has_data = [im.data is not None for im in images]
         joined = b"".join(datas)
-        self.buffer = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+        self.buffer = (torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined
+                       else torch.empty(0, dtype=torch.uint8))
 
     def __len__(self) -> int:
         return len(self.paths)
