@@ -371,3 +371,31 @@ def test_finetune_records_the_pipeline_and_the_commands_take_it(jpegs, tmp_path)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["pipeline"], config["pipeline_ran"]) == ("cached", "cached")
     assert s["data"]["pipeline"] == "cached" and s["data"]["pipeline_info"]["cached"] == 40
+
+
+def test_the_bench_compares_every_pipeline_side_by_side(jpegs, dls):
+    """The bench's pipeline section: a loader row per pipeline (ratio to the first, spread, cache fill), the plain
+    loop on synthetic batches once per mode, and plain / package / tuned loops fed by each pipeline."""
+    from fastai.data.core import DataLoaders
+
+    from tp3_fastai.bench import BatchLoader, bench_pipeline, synthetic_batches
+    from tp3_fastai.bench.report import pipeline_markdown
+
+    cpu = torch.device("cpu")
+    small = {p: folder_dls(jpegs, size=SIZE, bs=4, pipeline=p, verify=False) for p in PIPES}
+    syn = DataLoaders(BatchLoader(synthetic_batches(1, 4, SIZE, 2, cpu, 0), 1), BatchLoader([], 0), device=cpu)
+    syn.c = 2
+    r = bench_pipeline(small, syn, "test_resnet", ["frozen"], cpu, "fp32", 0, 1, 1, 2, 4, SIZE, 1e-3, log=None)
+    assert [l["pipeline"] for l in r["loaders"]] == list(PIPES) and r["loader"] == r["loaders"][0]
+    assert r["loaders"][0]["ratio_vs_first"] == 1 and all(l["images_per_s"] > 0 for l in r["loaders"])
+    assert all(l["max_over_min"] >= 1 and l["step_ms"]["n"] == 2 for l in r["loaders"])
+    assert r["loaders"][2]["cached"] == 40 and r["loaders"][2]["fill_s"] > 0 and r["loaders"][1]["cached"] is None
+    cells = [(row["loop"], row["data"], row["pipeline"]) for row in r["rows"]]
+    assert cells == [("plain", "synthetic", None)] + [(lp, "real", p) for p in PIPES
+                                                        for lp in ("plain", "package", "tuned")]
+    assert all(row["ratio_vs_plain_real"] == 1 for row in r["rows"] if row["loop"] == "plain" and row["pipeline"])
+    assert r["memory_format"] == "contiguous" and r["aug"] == "default"
+    md = "\n".join(pipeline_markdown(r))
+    for text in ("| pipeline | workers | images/s |", "| cached | 0 |", "| frozen | tuned | real | device |",
+                 "**device**: workers read bytes"):
+        assert text in md
