@@ -336,6 +336,11 @@ def test_export_and_predict_work_from_a_learner_trained_on_each_pipeline(pipelin
     model = export_learner(learn, tmp_path / "model.pkl")  # (also removes the curves callback, as for predict)
     in_memory = learn.get_preds(dl=d.test_dl([image]))[0][0]
     assert torch.allclose(in_memory, probs[0], atol=1e-5)  # test_dl uses the validation transforms
+    from fastai.interpret import ClassificationInterpretation
+
+    interp = ClassificationInterpretation.from_learner(learn)
+    assert interp.confusion_matrix().sum() == 8 and len(interp.top_losses(k=3)[0]) == 3
+    assert "Input shape: 8 x 3 x 32 x 32" in learn.summary()
     loaded = load_model(model)
     decoder = find_decoder(loaded.dls)
     if decoder is not None and decoder.cache is not None:  # the decoded images stay behind (an empty cache)
