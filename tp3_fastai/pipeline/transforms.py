@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.vision.augment import RandTransform
+from fastai.vision.augment import DisplayedTransform, RandTransform
 from fastai.vision.core import TensorImage
-from fasttransform import DisplayedTransform
 from PIL import Image
 
 from .cache import DecodedCache
