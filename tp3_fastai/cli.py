@@ -120,6 +120,7 @@ def run(
     out: str = "runs/practical",  # report folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing report folder instead
     mirror: str = None,  # base address holding the downloaded archives (default: $TP3_MIRROR, else the real ones)
+    pipeline: str = "auto",  # Part II image-folder experiment: input pipeline (auto, pil, device, cached)
 ):
     "The whole practical on the embedded data: every part, then report.md and report.html."
     from .practical import run_practical
@@ -132,7 +133,8 @@ def run(
 
     run_guarded(checked, parts=parts, mnist=mnist, mnist_epochs=mnist_epochs, ks=ks, seeds=seeds, images=images,
                 arch=arch, transfer_epochs=transfer_epochs, pretrained=pretrained, weights=weights, device=device,
-                precision=precision, seed=seed, out=out, overwrite=overwrite, mirror=mirror_or_env(mirror))
+                precision=precision, seed=seed, out=out, overwrite=overwrite, mirror=mirror_or_env(mirror),
+                pipeline=pipeline)
 
 
 @call_parse
@@ -158,6 +160,7 @@ def finetune(
     cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written and downloads extracted once
     resume: str = None,  # run folder of an interrupted run: continue it with its config.json's arguments
     mirror: str = None,  # base address holding the named sources' archives (default: $TP3_MIRROR, else the real ones)
+    pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .finetune import finetune_experiment
@@ -171,7 +174,7 @@ def finetune(
     run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
                 weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
                 channels_last=channels_last, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
-                cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror))
+                cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror), pipeline=pipeline)
 
 
 @call_parse
@@ -314,6 +317,8 @@ def bench_freeze(
     overwrite: bool = False,  # replace the run folder instead
     cache_dir: str = "~/.cache/tp3_fastai",  # where the generated JPEG folder is written once
     compare: str = "",  # OTHER/bench.json: ratio to that run per cell (same arch/size/bs); A.json,B.json: no measuring
+    pipeline: str = "pil,device,cached",  # input pipelines compared side by side in the pipeline section
+    pipeline_aug: str = "default",  # augmentation in the pipeline section ('none': decoding and crops alone)
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
     from .bench import bench_training_modes
@@ -327,7 +332,8 @@ def bench_freeze(
                        pipeline=not no_pipeline, pipeline_modes=pipeline_modes, data=data, jpeg_images=jpeg_images,
                        num_workers=num_workers, epoch_images=epoch_images, epochs_estimate=epochs_estimate, lr=lr,
                        device=device, seed=seed, count_reads=not no_count_reads, threads=threads, quick=quick, out=out,
-                       overwrite=overwrite, cache_dir=cache_dir, command=command)
+                       overwrite=overwrite, cache_dir=cache_dir, command=command, pipelines=pipeline,
+                       pipeline_aug=pipeline_aug)
 
 
 COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetune, "predict": predict,

@@ -24,6 +24,7 @@ from .experiment import (RunContext, distributed_summary, launch_note, on_rank_z
                          resume_unit)
 from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, parse_aug, plot_image_grid,
                          reseed, show_batch_png)
+from .pipeline import check_pipeline
 from .runs import markdown_table, pyplot, read_json, save_figure, write_json
 from .transfer import MODES, check_image_size, check_plan, resnet_learner, set_mode, train_mode
 from .weights import RANDOM_INIT, WeightsArg, check_weights, describe_weights, normalization
@@ -227,7 +228,7 @@ def plan_finetune(data: str | Path, arch: str, size: int | None, bs: int, epochs
 
 
 def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int, cache_dir: str | Path,
-                  mirror: str | None, log: Callable[[str], None] | None) -> DataLoaders:
+                  mirror: str | None, log: Callable[[str], None] | None, pipeline: str = "auto") -> DataLoaders:
     """Rank 0 fetches what is online (hub weights, a named source's archive) while the others wait; then every
     rank reads the DataLoaders, refused when the training set holds less than one batch."""
     def fetch() -> None:
@@ -238,7 +239,7 @@ def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
     on_rank_zero(fetch, main)
     set_seed(plan.seed, reproducible=True)
     dls = image_dls(plan.data, size=plan.size, bs=plan.bs // world, seed=plan.seed, aug=plan.aug, device=dev,
-                    cache_dir=cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]))
+                    cache_dir=cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]), pipeline=pipeline)
     if dls.info.n_train < plan.bs:  # fastai drops the last incomplete training batch
         raise ValueError(f"batch size {plan.bs} is larger than the {dls.info.n_train} training images of "
                          f"{plan.data}, so not one training batch would remain (fastai drops the last incomplete "
@@ -250,7 +251,7 @@ def start_run(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, mirror: str
     """config.json (a new run), show_batch.png and the log's account of the data; returns the config."""
     config = dict(plan.config(), device=str(ctx.dev), precision=ctx.precision,
                   optimizer="fastai Adam (wd 0.01 decoupled)", world_size=ctx.world, mirror=mirror,
-                  env=env_info(ctx.dev))
+                  pipeline=dls.info.pipeline_info.get("asked"), pipeline_ran=dls.info.pipeline, env=env_info(ctx.dev))
     if ctx.world > 1:
         config.update(bs_per_process=plan.bs // ctx.world, backend=backend_for(ctx.dev))
     if plan.resume is None and ctx.main:
@@ -411,7 +412,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
                         out: str | Path = "runs/finetune", overwrite: bool = False,
                         cache_dir: str | Path = DEFAULT_CACHE, progress: bool | None = None,
                         resume: str | Path | None = None, log: Callable[[str], None] = print,
-                        launch: LaunchConfig | None = None, mirror: str | None = None) -> dict:
+                        launch: LaunchConfig | None = None, mirror: str | None = None, pipeline: str = "auto") -> dict:
     """Train `arch` on `data` in each mode; write config.json, metrics_<mode>.csv, comparison.png, show_batch.png,
     predictions.png, confusion_matrix.png, model.pkl (the best mode), summary.json and summary.md.
 
@@ -438,11 +439,12 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
     """
     plan = plan_finetune(data, arch, size, bs, epochs, modes, pretrained, lr, freeze_epochs, train_bn, aug, seed,
                          channels_last, resume)
+    check_pipeline(pipeline)
     dev, main, world = join_launch(plan.bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
     log = main_only(log)
     t0 = time.perf_counter()
-    dls = finetune_data(plan, dev, main, world, cache_dir, mirror, log)
+    dls = finetune_data(plan, dev, main, world, cache_dir, mirror, log, pipeline)
     # rank 0 names the run folder (a new -2, -3, ... if it exists) and tells the others
     ctx = RunContext(open_run(out, overwrite, resume, main), dev, prec, main, world, progress, log)
     config = start_run(ctx, plan, dls, mirror, t0)

@@ -158,6 +158,8 @@ class FolderInfo:
     n_valid: int
     source: str = ""
     skipped: list[str] = field(default_factory=list)
+    pipeline: str = ""  # the input pipeline that runs: pil, device or cached (see tp3_fastai.pipeline)
+    pipeline_info: dict[str, Any] = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         """Number of images in each split."""
@@ -193,16 +195,27 @@ def skipped_files(files: Sequence[Path]) -> list[Path]:
                   if f.is_file() and not f.name.startswith(".") and f.suffix.lower() not in IMAGE_EXTS)
 
 
-def check_images(files: Sequence[Path]) -> None:
-    """Open every image (decoding a reduced draft) and raise one ValueError naming all that cannot be read."""
-    bad = []
-    for f in files:
+def check_images(files: Sequence[Path], memory: str | Path | None = None) -> None:
+    """Open every image (decoding a reduced draft) and raise one ValueError naming all that cannot be read.
+
+    With `memory` (a JSON file, see pipeline.check.memory_file), files whose path, size and mtime passed before are
+    not opened again, and the files that pass now are remembered: a large folder costs a full check once."""
+    from .pipeline.check import read_memory, remember, unchecked
+
+    memory = Path(memory) if memory is not None else None
+    known = read_memory(memory)
+    todo, now = unchecked(files, known)
+    bad, failed = [], set()
+    for f in todo:
         try:
             with Image.open(f) as im:
                 im.draft(im.mode, (32, 32))
                 im.load()
         except Exception as e:  # PIL raises many types for damaged files
             bad.append(f"{f} ({type(e).__name__}: {e})")
+            failed.add(str(f))
+    if memory is not None and (todo or set(known) != set(now)):
+        remember(memory, {k: v for k, v in now.items() if k not in failed})
     if bad:
         raise ValueError(f"{len(bad)} image(s) cannot be read: {'; '.join(bad[:20])}"
                          + (f" ... ({len(bad) - 20} more)" if len(bad) > 20 else "") + ". Remove or replace them.")
@@ -262,40 +275,61 @@ def scan_folder(path: str | Path, valid_pct: float = 0.2, seed: int = 42, label_
 
 def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float = 0.2, seed: int = 42,
                aug: str | Augmentation = "default", label_re: str | None = None, device: torch.device | str | None = None,
-               num_workers: int | None = None, verify: bool = True, source: str = "",
+               num_workers: int | None = None, verify: bool = True, source: str = "", pipeline: str = "auto",
+               cache_budget: float | int | None = None, cache_dir: str | Path | None = None,
                stats: tuple[Sequence[float], Sequence[float]] = imagenet_stats) -> DataLoaders:
     """fastai DataLoaders from an image folder (train/ + valid/ or val/, one folder split by seeded, stratified
     `valid_pct`, or a flat folder labelled by `label_re`).
 
-    Item transforms run on the CPU (random resized crop for training, centre crop for validation); batch
-    transforms run on `device`: `aug_transforms` (see parse_aug) and normalisation by `stats` (ImageNet's by
-    default; hub weights bring their own, see weights.normalization), which every mode then shares. `dls.info`
-    (a FolderInfo) records the layout, classes and split sizes.
+    `pipeline` (see tp3_fastai.pipeline): 'pil' runs fastai's item transforms per image on the CPU (random
+    resized crop for training, centre crop for validation) and the batch transforms on `device`; 'device' reads
+    file bytes on the loader (workers) and decodes, crops and flips the batch on `device` (nvJPEG on CUDA);
+    'cached' does the same from images decoded once into a uint8 cache on `device` within `cache_budget` (a
+    fraction of free memory, or bytes; images beyond it are streamed); 'auto' takes 'cached' when the whole set
+    fits, else 'device'. Every pipeline gives the same classes, labels, shapes and normalisation; batch
+    transforms `aug_transforms` (see parse_aug) and normalisation by `stats` (ImageNet's by default; hub weights
+    bring their own, see weights.normalization), which every mode then shares.
+    `dls.info` (a FolderInfo) records the layout, classes, split sizes and the pipeline that runs. Loader
+    workers, where there are any, persist from epoch to epoch.
 
     Bad data is dealt with before any training, always the same way: files whose extension is not an image's
     (notes.txt, labels.csv) are skipped and listed in `dls.info.skipped`; an image file that cannot be decoded
-    (corrupt, truncated, not really an image) stops here with one ValueError listing every such file (`verify`);
+    (corrupt, truncated, not really an image) stops here with one ValueError listing every such file (`verify`;
+    with `cache_dir`, as image_dls gives, files that passed before with the same size and mtime are remembered
+    there and not opened again);
     an empty class folder, a single class or an empty split stop with a ValueError naming the folder. Images
     of any mode (grayscale, palette, RGBA, 16-bit grayscale) load as 8-bit RGB (see `to_rgb`).
     """
+    from .pipeline import ImageFolderDL, check_pipeline, choose_pipeline, default_workers, device_dls
+    from .pipeline.check import memory_file
+
     if size <= 0 or bs <= 0:
         raise ValueError(f"size and batch size must be positive, got size={size}, bs={bs}")
     augmentation = parse_aug(aug)
+    check_pipeline(pipeline)
     files, valid_idx, labeller, layout = scan_folder(path, valid_pct, seed, label_re)
+    root = Path(path).expanduser()
     if verify:
-        check_images(files)
+        check_images(files, memory_file(cache_dir, root) if cache_dir is not None else None)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    if num_workers is None:
+    running, why = choose_pipeline(pipeline, dev, len(files), size, cache_budget)
+    if running == "pil":
         # On a CPU the training itself uses every core; worker processes only compete with it.
-        num_workers = 0 if dev.type == "cpu" else min(8, os.cpu_count() or 1)
-    item = CropResize(size, min_scale=augmentation.min_scale or 1.0, augment=augmentation.min_scale is not None)
-    dblock = DataBlock(blocks=(ImageBlock(RGBImage), CategoryBlock), get_y=labeller,
-                       splitter=IndexSplitter(valid_idx),
-                       item_tfms=item,
-                       batch_tfms=[*augmentation.batch_tfms(), Normalize.from_stats(*stats)])
-    dls = dblock.dataloaders(files, path=Path(path).expanduser(), bs=bs, device=dev, num_workers=num_workers)
-    dls.info = FolderInfo(str(Path(path).expanduser()), layout, list(dls.vocab), len(dls.train_ds),
-                          len(dls.valid_ds), source or str(path), [str(f) for f in skipped_files(files)])
+        num_workers = default_workers("pil", dev) if num_workers is None else num_workers
+        item = CropResize(size, min_scale=augmentation.min_scale or 1.0, augment=augmentation.min_scale is not None)
+        dblock = DataBlock(blocks=(ImageBlock(RGBImage), CategoryBlock), get_y=labeller,
+                           splitter=IndexSplitter(valid_idx),
+                           item_tfms=item,
+                           batch_tfms=[*augmentation.batch_tfms(), Normalize.from_stats(*stats)])
+        dls = dblock.dataloaders(files, path=root, bs=bs, device=dev, num_workers=num_workers,
+                                 dl_type=ImageFolderDL, persistent_workers=num_workers > 0)
+        facts = dict(pipeline="pil", workers=num_workers, persistent_workers=num_workers > 0)
+    else:
+        dls, facts = device_dls(files, valid_idx, labeller, root, size, bs, augmentation.min_scale,
+                                augmentation.batch, dev, running, num_workers, cache_budget, stats=stats)
+    facts.update(asked=pipeline, reason=why)
+    dls.info = FolderInfo(str(root), layout, list(dls.vocab), len(dls.train_ds), len(dls.valid_ds),
+                          source or str(path), [str(f) for f in skipped_files(files)], running, facts)
     dls.augmentation = augmentation
     return dls
 
@@ -377,7 +411,8 @@ def image_dls(source: str | Path = "lfw", size: int = 224, bs: int = 64, valid_p
     label_re = label_re or SOURCE_LABEL_RE.get(str(source))
     desc = SOURCES.get(str(source), f"folder {path}")
     return folder_dls(path, size=size, bs=bs, valid_pct=valid_pct, seed=seed, aug=aug, label_re=label_re,
-                      device=device, source=f"{source}: {desc}" if str(source) in SOURCES else desc, **kwargs)
+                      device=device, source=f"{source}: {desc}" if str(source) in SOURCES else desc,
+                      cache_dir=cache_dir, **kwargs)
 
 
 def show_batch_png(dls: DataLoaders, path: str | Path, n: int = 16, valid: bool = False, title: str = "") -> Path:

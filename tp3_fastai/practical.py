@@ -148,7 +148,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                   device: str = "auto",
                   precision: str = "auto", out: str | Path = "runs/practical",
                   overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print,
-                  mirror: str | None = None) -> Path:
+                  mirror: str | None = None, pipeline: str = "auto") -> Path:
     """Run the chosen parts into one folder and write report.md and report.html there; returns the folder.
 
     Part 0 (`layers`): the course's layer examples, VGG / ResNet, activations, and the first-layer kernels of the
@@ -197,7 +197,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
             folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
                                          bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,
                                          precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
-                                         mirror=mirror)
+                                         mirror=mirror, pipeline=pipeline)
             sections.append(transfer_section(run, folder))
         else:
             from .label_efficiency import label_efficiency

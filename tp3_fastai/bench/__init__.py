@@ -12,7 +12,8 @@ from .loops import (BatchLoader, DeviceSmoothLoss, FastLearner, GroupTimer, Host
                     cycle_loader, host_reads_per_step, synthetic_batches, tune_learner)
 from .mnist import bench_mnist_loop, plain_epoch
 from .modes import (FREEZE_MODES, LEVER_PRECISIONS, LOOP_LABELS, LOOPS, MEMORY_FORMATS, MODE_LABELS,
-                    bench_overhead, bench_pipeline, lever_skip_reason, measure_cell, mode_learner, trainable_names)
+                    bench_loaders, bench_overhead, bench_pipeline, lever_skip_reason, measure_cell, mode_learner,
+                    trainable_names)
 from .report import bench_markdown, plot_bench
 from .timing import (driver_version, free_device_memory, load_average, peak_memory_mb, reset_peak_memory,
                      set_cudnn_benchmark, spread, tf32_flags, timed)
@@ -29,7 +30,8 @@ __all__ = [
     "plain_epoch", "bench_mnist_loop",
     # modes
     "FREEZE_MODES", "MODE_LABELS", "LEVER_PRECISIONS", "MEMORY_FORMATS", "LOOPS", "LOOP_LABELS",
-    "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead", "bench_pipeline",
+    "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead", "bench_loaders",
+    "bench_pipeline",
     # freeze
     "CPU_MEMORY_NOTE", "PRESETS", "jpeg_folder", "resolve_config", "bench_training_modes",
     # report

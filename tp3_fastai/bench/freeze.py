@@ -116,11 +116,15 @@ def bench_training_modes(arch: str | None = None, size: int | None = None, bs: i
                          lr: float = 1e-3, device: str = "auto", seed: int = 42, count_reads: bool = True,
                          out: str | Path = "runs/bench_freeze", overwrite: bool = False,
                          cache_dir: str | Path = "~/.cache/tp3_fastai", quick: bool = False, command: str = "",
-                         threads: int | None = None, log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                         threads: int | None = None, log: Callable[[str], None] | None = print,
+                         pipelines: str | Sequence[str] = ("pil", "device", "cached"),
+                         pipeline_aug: str = "default") -> dict[str, Any]:
     """Training throughput, step time (median, min, max) and peak memory of a timm model in each training mode
     (unfrozen; frozen with train_bn True / False; frozen on precomputed features) crossed with the speed levers
     (precision, memory format, torch.compile, cudnn.benchmark); the fastai loop against a plain PyTorch loop;
-    synthetic on-device batches against the real image pipeline. Writes config.json, bench.json, bench.md and
+    synthetic on-device batches against the real image pipelines (`pipelines`: pil, device, cached, auto; see
+    tp3_fastai.pipeline), side by side on the same folder, with augmentation `pipeline_aug` (see
+    image_data.parse_aug; 'none' times decoding and cropping alone). Writes config.json, bench.json, bench.md and
     bench.png into a new run folder and returns what bench.json holds.
 
     Unset sizes (and the overhead / pipeline modes) come from the preset: `quick` (resnet18, 64 px, batch 16; loop
@@ -144,7 +148,7 @@ def bench_training_modes(arch: str | None = None, size: int | None = None, bs: i
 def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisions, formats, compile, cudnn_benchmark,
                           overhead, overhead_modes, pipeline, pipeline_modes, data, jpeg_images, num_workers,
                           n_classes, epoch_images, epochs_estimate, lr, device, seed, count_reads, out, overwrite,
-                          cache_dir, quick, command, log) -> dict[str, Any]:
+                          cache_dir, quick, command, log, pipelines, pipeline_aug) -> dict[str, Any]:
     from fastai.data.core import DataLoaders
 
     t_start = time.perf_counter()
@@ -162,6 +166,11 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
     overhead_modes = _split_opt(overhead_modes, FREEZE_MODES, "overhead mode") if overhead else []
     pipeline_modes = _split_opt(pipeline_modes, ("unfrozen", "frozen_train_bn", "frozen"), "pipeline mode") \
         if pipeline else []
+    from ..pipeline import PIPELINES
+
+    pipelines = _split_opt(pipelines, PIPELINES, "pipeline") if pipeline_modes else []
+    if pipeline_modes and not pipelines:
+        raise ValueError(f"the pipeline comparison needs at least one pipeline ({', '.join(PIPELINES)})")
     if not modes or not precisions or not formats:
         raise ValueError("modes, precisions and formats each need at least one value")
     if lr <= 0 or epochs_estimate <= 0 or n_classes < 2:
@@ -179,6 +188,7 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
                cpu_count=os.cpu_count())
     config = dict(cfg, arch=arch, modes=modes, precisions=precisions, formats=formats, compile=compile,
                   cudnn_benchmark=cudnn_benchmark, overhead_modes=overhead_modes, pipeline_modes=pipeline_modes,
+                  pipelines=pipelines, pipeline_aug=pipeline_aug,
                   data=data, num_workers=num_workers, n_classes=n_classes, epochs_estimate=epochs_estimate, lr=lr,
                   device=str(dev), device_name=device_name(dev), loop_precision=loop_precision, seed=seed,
                   quick=quick, command=command, env=env, load_average_start=load_average())
@@ -187,14 +197,16 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
         log(f"bench_freeze: {arch}, {size} px, batch {bs} on {device_name(dev)}; load average "
             f"{config['load_average_start']}; run folder {run}")
 
-    real_dls = None
+    pipe_dls: dict[str, Any] = {}
     if pipeline_modes:
         folder = jpeg_folder(cache_dir, cfg["jpeg_images"], px=round(size * 1.75)) if data == "jpeg" else data
         from ..image_data import image_dls
 
         kw = {} if num_workers is None else dict(num_workers=num_workers)
-        real_dls = image_dls(folder, size=size, bs=bs, seed=seed, aug="default", device=dev, cache_dir=cache_dir, **kw)
-        n_classes = real_dls.c
+        for p in pipelines:  # the same folder, split and augmentation through each input pipeline
+            pipe_dls[p] = image_dls(folder, size=size, bs=bs, seed=seed, aug=pipeline_aug, device=dev,
+                                    cache_dir=cache_dir, pipeline=p, **kw)
+        n_classes = next(iter(pipe_dls.values())).c
     batches = synthetic_batches(4, bs, size, n_classes, dev, seed)
     syn_dls = DataLoaders(BatchLoader(batches, 1), BatchLoader([], 0), device=dev)
     syn_dls.c = n_classes
@@ -236,7 +248,7 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
 
     overhead_rows = bench_overhead(syn_dls, arch, overhead_modes, batches, dev, loop_precision, seed, warmup, steps,
                                    repeats, bs, lr, count_reads, log=log) if overhead_modes else []
-    pipe = bench_pipeline(real_dls, syn_dls, arch, pipeline_modes, dev, loop_precision, seed, warmup, steps,
+    pipe = bench_pipeline(pipe_dls, syn_dls, arch, pipeline_modes, dev, loop_precision, seed, warmup, steps,
                           repeats, bs, size, lr, log=log) if pipeline_modes else None
     result = dict(config=config, env=env, device=str(dev), device_name=device_name(dev), arch=arch, size=size, bs=bs,
                   baseline=dict(mode="unfrozen", precision="fp32", memory_format="contiguous",

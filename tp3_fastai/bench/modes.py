@@ -7,7 +7,7 @@ import copy
 import math
 import time
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from fastai.optimizer import OptimWrapper
@@ -226,57 +226,102 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
     return rows
 
 
-def bench_pipeline(real_dls, syn_dls, arch: str, modes: Sequence[str], dev: torch.device, precision: str,
-                   seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
-                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Synthetic on-device batches against the real image pipeline (image decode + item transforms on the
-    loader's workers + `aug_transforms` on the device): the loader alone, then training steps of the plain loop
-    on both, and of the package's Learner on the real pipeline."""
-    n_classes = real_dls.c
-    stream = cycle_loader(real_dls.train)
-    for _ in range(warmup):
-        next(stream)
-    loader_s = [timed(lambda: [next(stream) for _ in range(steps)], dev) for _ in range(repeats)]
-    loader = _stats(loader_s, steps, bs)
-    fake = getattr(real_dls.train, "fake_l", None)  # fastai keeps the worker count there (dl.num_workers is 1)
-    workers = getattr(fake, "num_workers", getattr(real_dls.train, "num_workers", 0))
-    if log:
-        log(f"  pipeline loader alone ({workers} workers): {loader['images_per_s']:.1f} images/s")
-    batches = synthetic_batches(2, bs, size, n_classes, dev, seed + 1)
+def _workers(dl) -> int:
+    fake = getattr(dl, "fake_l", None)  # fastai keeps the worker count there (dl.num_workers is 1)
+    return getattr(fake, "num_workers", getattr(dl, "num_workers", 0))
+
+
+def bench_loaders(pipe_dls: Mapping[str, Any], dev: torch.device, warmup: int, steps: int, repeats: int, bs: int,
+                  log: Callable[[str], None] | None = print) -> tuple[list[dict[str, Any]], dict[str, Iterator]]:
+    """Each pipeline's training loader alone (decode, crops, aug_transforms, Normalize; no model), in rounds that
+    alternate the pipelines so that machine noise hits them alike; also returns the batch streams (epoch after
+    epoch), for the training loops."""
+    streams = {p: cycle_loader(d.train) for p, d in pipe_dls.items()}
+    for stream in streams.values():
+        for _ in range(warmup):
+            next(stream)
+    times: dict[str, list[float]] = {p: [] for p in pipe_dls}
+    for _ in range(repeats):
+        for p, stream in streams.items():
+            times[p].append(timed(lambda: [next(stream) for _ in range(steps)], dev))
+    first = next(iter(pipe_dls))
+    rows = []
+    for p, d in pipe_dls.items():
+        s = _stats(times[p], steps, bs)
+        info = getattr(getattr(d, "info", None), "pipeline_info", {}) or {}
+        rows.append(dict(pipeline=p, ran=info.get("pipeline", p), workers=_workers(d.train), **s,
+                         max_over_min=s["step_ms"]["max"] / s["step_ms"]["min"],
+                         ratio_vs_first=spread(times[first])["median"] / spread(times[p])["median"],
+                         fill_s=info.get("fill_s"), cached=info.get("cached"), streamed=info.get("streamed")))
+        if log:
+            log(f"  pipeline loader alone {p:<8} ({rows[-1]['workers']} workers): {s['images_per_s']:9.1f} images/s "
+                f"x{rows[-1]['ratio_vs_first']:.2f} of {first}")
+    return rows, streams
+
+
+def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Sequence[str], dev: torch.device,
+                   precision: str, seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
+                   log: Callable[[str], None] | None = print, channels_last: bool | None = None) -> dict[str, Any]:
+    """Synthetic on-device batches against each input pipeline of `pipe_dls` ({name: DataLoaders}, e.g. pil,
+    device, cached: see tp3_fastai.pipeline) on the same image folder: each loader alone, then training steps of
+    the plain loop on synthetic batches and, per pipeline, of the plain loop, the package's Learner and the tuned
+    Learner on real batches; loops and pipelines alternate round by round. Models train as the practical would on
+    the device: `channels_last` defaults to True on CUDA (with AMP `precision`), False on a CPU."""
+    from fastai.callback.channelslast import ChannelsLast
+
+    cl = dev.type == "cuda" if channels_last is None else channels_last
+    loaders, streams = bench_loaders(pipe_dls, dev, warmup, steps, repeats, bs, log)
+    first_dls = next(iter(pipe_dls.values()))
+    batches = synthetic_batches(2, bs, size, first_dls.c, dev, seed + 1, channels_last=cl)
+
+    def model(dls, mode):
+        m = mode_learner(dls, arch, mode, seed, precision).model
+        return m.to(memory_format=torch.channels_last) if cl else m
+
+    def learner(mode, tuned=False):
+        learn = mode_learner(first_dls, arch, mode, seed, precision, lr=lr, tuned=tuned)
+        return learn.add_cb(ChannelsLast()) if cl else learn
+
     rows = []
     for mode in modes:
         check_name(mode, ["unfrozen", "frozen_train_bn", "frozen"], "pipeline mode")
         bn_eval = mode == "frozen"
-        built = {
-            "plain/synthetic": PlainLoop(mode_learner(syn_dls, arch, mode, seed, precision).model, dev, precision,
-                                         lr, bn_eval=bn_eval),
-            "plain/real": PlainLoop(mode_learner(real_dls, arch, mode, seed, precision).model, dev, precision, lr,
-                                    bn_eval=bn_eval),
-            "package/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr), dev, lr),
-            "tuned/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr, tuned=True), dev,
-                                      lr, "tuned"),
+        loops = {
+            "plain": PlainLoop(model(first_dls, mode), dev, precision, lr, bn_eval=bn_eval),
+            "package": LearnerLoop(learner(mode), dev, lr),
+            "tuned": LearnerLoop(learner(mode, tuned=True), dev, lr, "tuned"),
         }
-        times: dict[str, list[float]] = {k: [] for k in built}
+        syn_loop = PlainLoop(model(syn_dls, mode), dev, precision, lr, bn_eval=bn_eval)
+        cells = [("plain", "synthetic", None)] + [(lp, "real", p) for p in pipe_dls for lp in loops]
+        times: dict[tuple, list[float]] = {c: [] for c in cells}
         for r in range(repeats):
             w = warmup if r == 0 else 1
-            for name, loop in built.items():
-                source = BatchLoader(batches, w + steps) if name.endswith("synthetic") else \
-                    StreamLoader(stream, w + steps, plain=name.startswith("plain"), bs=bs)
-                times[name] += loop.run(source, w, steps, 1)
-        syn = spread(times["plain/synthetic"])["median"]
-        plain_real = spread(times["plain/real"])["median"]
-        for name in built:
-            loop_name, data = name.split("/")
-            s = _stats(times[name], steps, bs)
-            med = spread(times[name])["median"]
-            rows.append(dict(mode=mode, loop=loop_name, data=data, precision=precision, **s,
-                             ratio_vs_synthetic=med / syn, ratio_vs_plain_real=med / plain_real))
+            for cell in cells:
+                loop_name, data, p = cell
+                if data == "synthetic":
+                    times[cell] += syn_loop.run(BatchLoader(batches, w + steps), w, steps, 1)
+                else:
+                    source = StreamLoader(streams[p], w + steps, plain=loop_name == "plain", bs=bs)
+                    times[cell] += loops[loop_name].run(source, w, steps, 1)
+        syn = spread(times[cells[0]])["median"]
+        for cell in cells:
+            loop_name, data, p = cell
+            s = _stats(times[cell], steps, bs)
+            med = spread(times[cell])["median"]
+            plain_real = spread(times[("plain", "real", p)])["median"] if p else None
+            rows.append(dict(mode=mode, loop=loop_name, data=data, pipeline=p, precision=precision, **s,
+                             max_over_min=s["step_ms"]["max"] / s["step_ms"]["min"],
+                             ratio_vs_synthetic=med / syn, ratio_vs_plain_real=med / plain_real if p else None))
             if log:
-                log(f"  pipeline {mode:<16} {name:<16} {s['images_per_s']:9.1f} images/s  x{med / syn:.3f} of "
-                    "synthetic step time")
-        del built
+                log(f"  pipeline {mode:<16} {loop_name:<8} {p or 'synthetic':<9} {s['images_per_s']:9.1f} images/s"
+                    f"  x{med / syn:.3f} of synthetic step time")
+        del loops, syn_loop
         free_device_memory(dev)
-    return dict(loader=dict(workers=workers, **loader), rows=rows,
-                data=str(getattr(getattr(real_dls, "info", None), "source", "")),
-                note="loader alone: batches drawn (decode, item transforms, collation, device copy, aug_transforms) "
-                     "with no model; ratio_vs_synthetic: step time / the plain loop's on synthetic on-device batches")
+    info = getattr(first_dls, "info", None)
+    aug = getattr(getattr(first_dls, "augmentation", None), "name", None)
+    return dict(loader=loaders[0], loaders=loaders, rows=rows, pipelines=list(pipe_dls), aug=aug,
+                memory_format="channels_last" if cl else "contiguous",
+                data=str(getattr(info, "source", "")),
+                note="loader alone: training batches drawn (reading, decoding, crops, collation, device copy, "
+                     "aug_transforms, Normalize) with no model; ratio_vs_synthetic: step time / the plain loop's on "
+                     "synthetic on-device batches; x first: images/s / the first pipeline's")

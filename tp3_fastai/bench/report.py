@@ -71,16 +71,45 @@ def bench_markdown(result: Mapping[str, Any]) -> str:
                   "Host reads (item/cpu/tolist/float/bool on tensors) are counted on whatever device ran; on CUDA "
                   "each is a synchronisation."]
     if result["pipeline"]:
-        p = result["pipeline"]
-        lines += ["", f"## Input pipeline: synthetic on-device batches vs real images ({p['data']})", "",
-                  f"Loader alone ({p['loader']['workers']} workers, decode + item transforms + aug_transforms): "
-                  f"{p['loader']['images_per_s']:.4g} images/s, {_ms(p['loader']['step_ms'])} ms/batch.", "",
-                  "| mode | loop | data | images/s | step ms | x plain synthetic | x plain real |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in p["rows"]:
-            lines.append(f"| {r['mode']} | {r['loop']} | {r['data']} | {r['images_per_s']:.4g} | {_ms(r['step_ms'])} | "
-                         f"{r['ratio_vs_synthetic']:.3f} | {r['ratio_vs_plain_real']:.3f} |")
+        lines += pipeline_markdown(result["pipeline"])
     return "\n".join(lines) + "\n"
+
+
+def _opt(v, fmt: str = ".3g") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def pipeline_markdown(p: Mapping[str, Any]) -> list[str]:
+    """The input-pipeline section: each pipeline's loader alone, then training steps on synthetic and real batches."""
+    loaders = p.get("loaders") or [dict(p["loader"], pipeline="pil")]
+    first = loaders[0]["pipeline"]
+    lines = ["", f"## Input pipelines: synthetic on-device batches vs real images ({p['data']})", "",
+             f"Loader alone (training batches with augmentation '{p.get('aug') or 'default'}': reading, decoding, "
+             "crops, collation, device copy, batch augmentation, Normalize; no model). Pipelines alternate round by "
+             "round; step ms: median [min-max] per batch; cache fill: the one-off decode into the cache (the cached "
+             "pipeline's first epoch).", "",
+             f"| pipeline | workers | images/s | ms/batch | max/min | x {first} | cache fill s | cached / streamed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in loaders:
+        name = r["pipeline"] + (f" ({r['ran']})" if r.get("ran") and r["ran"] != r["pipeline"] else "")
+        cached = "-" if r.get("cached") is None else f"{r['cached']} / {r['streamed']}"
+        lines.append(f"| {name} | {r['workers']} | {r['images_per_s']:.4g} | {_ms(r['step_ms'])} | "
+                     f"{_opt(r.get('max_over_min'))} | {_opt(r.get('ratio_vs_first'))} | {_opt(r.get('fill_s'))} | "
+                     f"{cached} |")
+    from ..pipeline import PIPELINE_LABELS
+
+    lines += ["", "Pipelines: " + "; ".join(f"**{k}**: {v}" for k, v in PIPELINE_LABELS.items()
+                                          if any(r.get("ran", r["pipeline"]) == k for r in loaders)) + "."]
+    lines += ["", f"Training steps ({p['rows'][0]['precision'] if p['rows'] else '-'}, "
+              f"{p.get('memory_format', 'contiguous')}), each loop fed by each pipeline (x plain real: step time / the "
+              "plain loop's on the same pipeline):", "",
+              "| mode | loop | data | pipeline | images/s | step ms | max/min | x plain synthetic | x plain real |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        lines.append(f"| {r['mode']} | {r['loop']} | {r['data']} | {r.get('pipeline') or '-'} | "
+                     f"{r['images_per_s']:.4g} | {_ms(r['step_ms'])} | {_opt(r.get('max_over_min'))} | "
+                     f"{r['ratio_vs_synthetic']:.3f} | {_opt(r.get('ratio_vs_plain_real'), '.3f')} |")
+    return lines
 
 
 def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
@@ -90,8 +119,10 @@ def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
     ok = [r for r in result["grid"] if r["status"] == "ok"]
     extra = [(f"{r['mode']} | {r['loop']}", r["images_per_s"]) for r in result["overhead"]]
     if result["pipeline"]:
-        extra += [(f"{r['mode']} | {r['loop']} | {r['data']}", r["images_per_s"]) for r in result["pipeline"]["rows"]]
-        extra.append(("loader alone", result["pipeline"]["loader"]["images_per_s"]))
+        extra += [(f"{r['mode']} | {r['loop']} | {r.get('pipeline') or r['data']}", r["images_per_s"])
+                  for r in result["pipeline"]["rows"]]
+        extra += [(f"loader alone | {r.get('pipeline', 'pil')}", r["images_per_s"])
+                  for r in result["pipeline"].get("loaders") or [result["pipeline"]["loader"]]]
     n_panels = 2 if extra else 1
     height = max(3.0, 0.32 * max(len(ok), len(extra)) + 1.5)
     fig, axes = plt.subplots(1, n_panels, figsize=(7.5 * n_panels, height), squeeze=False)
