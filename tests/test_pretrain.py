@@ -16,6 +16,7 @@ from tp3_fastai import tasks as T
 from tp3_fastai.data import MNIST_MEAN, MNIST_STD
 from tp3_fastai.transfer import resnet_learner
 from tp3_fastai.weights import RANDOM_INIT
+from probes import FirstInputs, installed
 
 ROOT = Path(__file__).resolve().parents[1]
 # timm's smallest ResNet (0.4M parameters, deep stem like resnet10t) keeps this file within its time budget;
@@ -172,9 +173,20 @@ def test_inputs_are_padded_with_background_and_normalised_the_same_in_every_mode
     assert x.shape == (4, 1, SIZE, SIZE) and x.dtype == torch.float32
     assert torch.allclose(x[..., :2, :], torch.tensor(-MNIST_MEAN / MNIST_STD))  # the padded border is background
     assert torch.allclose(x[..., 2:-2, 2:-2], (tasks[1].x_test[:4].float() / 255 - MNIST_MEAN) / MNIST_STD)
-    dls = _dls(tasks[1])
-    resnet_learner(dls, ARCH, pretrained=body[0], n_in=1, progress=False, log=None)
-    assert not hasattr(dls.train, "after_batch")  # nothing (no second Normalize) was added to the loaders
+    # what the network gets, measured inside each mode's training and test: the same normalised images in every
+    # mode, pretrained body or not (fastai's vision_learner adds a Normalize of its own to pretrained learners)
+    seen = {}
+    for mode in ("scratch", "frozen", "finetune"):
+        with installed(FirstInputs) as records:
+            LE.target_run(tasks[1], mode, 5, 0, body[0], ARCH, SIZE, epochs=2, bs=16)
+        (seen[mode],) = [r for r in records if r]
+    test = T.prepare(tasks[1].x_test, SIZE, MNIST_MEAN, MNIST_STD)
+    x_train, _ = tasks[1].train(5, 0)
+    train = {bytes(r.numpy()) for r in T.prepare(x_train, SIZE, MNIST_MEAN, MNIST_STD)}
+    for mode, r in seen.items():
+        assert torch.equal(r["evaluated"], test[:len(r["evaluated"])]), mode  # the test loader's first batch
+        assert len(r["train"]) == 16 and all(bytes(x.numpy()) in train for x in r["train"]), mode
+        assert torch.equal(r["train"], seen["scratch"]["train"]), mode
 
 
 # ---------------------------------------------------------------- the modes on the target
