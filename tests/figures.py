@@ -63,3 +63,22 @@ def assert_series(path: str | Path, n: int, min_pixels: int = 40) -> np.ndarray:
     counts = [count_colour(img, c) for c in CYCLE[:n]]
     assert all(c >= min_pixels for c in counts), f"{path}: pixels of the series colours {counts}"
     return img
+
+
+def drawn_box(img: np.ndarray, shape: tuple[int, int], colour: str, background: str) -> tuple[float, ...]:
+    """(left, right, top, bottom) of the rectangle drawn in `colour` over an image of `shape` (rows, cols) shown in
+    a uniform `background` colour, in the image's pixel coordinates (imshow's: pixel centres at integers)."""
+    def extent(mask: np.ndarray, axis: int) -> tuple[int, int]:
+        counts = mask.sum(axis=axis)
+        idx = np.flatnonzero(counts > 0.5 * counts.max())  # lines along the other axis (not text or tick marks)
+        assert len(idx), f"nothing drawn in {colour}"
+        return int(idx.min()), int(idx.max())
+
+    shown = np.abs(img - rgb(background)).max(axis=-1) <= 6
+    lines = np.abs(img - rgb(colour)).max(axis=-1) <= 6
+    (c0, c1), (r0, r1) = extent(shown, 0), extent(shown, 1)  # the image: columns then rows
+    sx, sy = (c1 + 1 - c0) / shape[1], (r1 + 1 - r0) / shape[0]
+    (left, right), (top, bottom) = extent(lines, 0), extent(lines, 1)
+    # a line's pixels straddle the edge: the edge is the middle of its first / last pixel columns
+    return ((left + 0.5 - c0) / sx - 0.5, (right + 0.5 - c0) / sx - 0.5,
+            (top + 0.5 - r0) / sy - 0.5, (bottom + 0.5 - r0) / sy - 0.5)

@@ -12,6 +12,7 @@ from tp3_fastai.curves import COLUMNS, read_curves
 from tp3_fastai.data import mnist_dls
 from tp3_fastai.learners import mnist_learner
 from tp3_fastai.mnist import train_mnist
+from figures import assert_series
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,7 @@ def test_run_folder_holds_curves_metrics_and_summary(run):
     curves = read_curves(folder / "metrics_cnn.csv")
     assert all(0 <= r["train_accuracy"] <= 1 and r["seconds"] > 0 for r in curves)
     assert curves[-1]["valid_loss"] < curves[0]["valid_loss"]
-    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_series(folder / "curves.png", 2)  # the MLP's and the CNN's curves
     s = json.loads((folder / "summary.json").read_text())
     assert s["precision"] == "fp32" and s["device"] == "cpu" and s["seed"] == 42
     assert s["split_sizes"] == {"train": 3200, "valid": 800, "test": 1000}

@@ -1,5 +1,6 @@
 """Source pretraining, the body cache, the embedded source/target pair, the three modes and the label-efficiency
 study, on real digits at small sizes (one body pretrained per test session)."""
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ from tp3_fastai import tasks as T
 from tp3_fastai.data import MNIST_MEAN, MNIST_STD
 from tp3_fastai.transfer import resnet_learner
 from tp3_fastai.weights import RANDOM_INIT
+from figures import assert_series
 from probes import FirstInputs, installed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,14 +253,28 @@ def test_a_tiny_label_efficiency_run_writes_png_json_and_markdown(tasks, body, t
     acc = json.loads((run / "label_efficiency.json").read_text())
     assert set(acc) == set(LE.STUDY_MODES)
     assert all(set(per_k) == {"2", "3"} and all(len(v) == 2 for v in per_k.values()) for per_k in acc.values())
-    assert all(0 <= a <= 1 for per_k in acc.values() for v in per_k.values() for a in v)
+    # one row per run in runs.csv, as the runs went (k, then seed, then mode); its test accuracy is the JSON's, a
+    # count of the 125 test digits
+    with open(run / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["k"], r["seed"], r["mode"]) for r in rows] == [(k, s, m) for k in "23" for s in "01"
+                                                              for m in LE.STUDY_MODES]
+    for r in rows:
+        a = acc[r["mode"]][r["k"]][int(r["seed"])]
+        assert float(r["test_accuracy"]) == pytest.approx(a, abs=1e-5) and (a * 125) == pytest.approx(round(a * 125))
     md = (run / "label_efficiency.md").read_text()
     assert "| labels per class | scratch | frozen | frozen_bn | finetune |" in md and "`pytest`" in md
+    for k in "23":  # the table's cells: mean ± std over the seeds
+        cells = [f"{np.mean(acc[m][k]):.3f} ± {np.std(acc[m][k], ddof=1):.3f} (2)" for m in LE.STUDY_MODES]
+        assert f"| {k} | " + " | ".join(cells) + " |" in md
     assert "train_bn=True vs False" in md and "cached" in md
-    assert (run / "label_efficiency.png").stat().st_size > 10_000
+    assert_series(run / "label_efficiency.png", len(LE.STUDY_MODES))  # a line per mode
     assert summary["body"]["cached"] is True and summary["body"]["sha256"] == info["sha256"]
-    assert set(summary["timing"]["train_seconds"]) == set(LE.STUDY_MODES) and summary["timing"]["train_bn_cost"] > 0
-    assert len((run / "runs.csv").read_text().splitlines()) == 1 + 2 * 2 * 4
+    # the train_bn cost is frozen_bn's training time over frozen's, summed over the runs
+    seconds = {m: sum(r["train_seconds"] for r in summary["runs"] if r["mode"] == m) for m in LE.STUDY_MODES}
+    assert summary["timing"]["total_train_seconds"] == pytest.approx(seconds)
+    assert summary["timing"]["train_bn_cost"] == pytest.approx(seconds["frozen_bn"] / seconds["frozen"])
+    assert f"{summary['timing']['train_bn_cost']:.2f}x the training time" in md
     assert any("test accuracy" in line for line in lines)
 
 
