@@ -284,3 +284,15 @@ def test_scripts_turn_errors_into_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _script("predict")(str(tmp_path / "missing.pkl"), "x.png")
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_fine_tune_gives_the_body_the_head_rate_over_lr_mult(dls, tmp_path):
+    learn = _learner(dls, tmp_path, arch="test_resnet")
+    rec = _Phases()
+    learn.add_cbs([rec, ShortEpochCallback(pct=0.3, short_valid=True)])
+    done = train_mode(learn, "finetune", epochs=2, lr=1e-3, freeze_epochs=1, lr_mult=4)
+    (_, lrs1), (_, lrs2) = rec.seen
+    assert lrs2[0] == pytest.approx(lrs2[1] / 4)  # not fastai's default 100
+    assert done["phases"][1]["lr"] == "slice(0.000125, 0.0005)"
+    with pytest.raises(ValueError, match="lr_mult must be positive"):
+        train_mode(learn, "finetune", epochs=2, freeze_epochs=1, lr_mult=0)
