@@ -114,13 +114,14 @@ def test_bench_mnist_prints_and_writes_its_measurements(tmp_path, capsys):
     assert f"ratio {r['ratio']:.3f}x" in capsys.readouterr().out
 
 
-def test_run_writes_the_report_of_the_parts_asked_for(tmp_path, capsys):
-    out = tmp_path / "report"
-    tp3(["run", "--parts", "mnist", "--mnist-epochs", "1", "--device", "cpu", "--out", str(out)])
+def test_run_writes_the_report_of_the_parts_asked_for(mnist_folder, tmp_path, capsys):
+    out = tmp_path / "report"  # Part I alone, on a folder of 240 real digits (conftest)
+    tp3(["run", "--parts", "mnist", "--mnist", str(mnist_folder), "--mnist-epochs", "1", "--device", "cpu",
+         "--out", str(out)])
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     md = (out / "report.md").read_text()
     part1 = json.loads((out / "part1_mnist" / "summary.json").read_text())
-    assert [m["epochs"] for m in part1["models"]] == [1, 1]
+    assert [m["epochs"] for m in part1["models"]] == [1, 1] and part1["split_sizes"]["test"] == 120
     for m in part1["models"]:
         assert re.search(rf"\| {m['model']} \| {m['params']:,} \| 1 \|.*\| {m['test_accuracy']:.4g} \|\n", md)
     assert "## Part II" not in md and "## Part III" not in md and (out / "report.html").is_file()
