@@ -7,11 +7,11 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-import shutil
 import torch
 from fastai.callback.core import Callback
 
