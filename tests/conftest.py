@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -45,12 +47,42 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def run_then_kill(cmd: list[str], when: str, timeout: float, env: dict | None = None) -> None:
-    """Start `cmd` and SIGKILL it as soon as it prints a line starting with `when` (or after `timeout` seconds)."""
+def run_then_kill(cmd: list[str], when: str, timeout: float, env: dict | None = None) -> list[str]:
+    """Start `cmd` and SIGKILL it as soon as it prints a line starting with `when`; returns the lines it printed.
+
+    A Python command runs unbuffered (`-u`, and PYTHONUNBUFFERED=1 for the processes it starts), whatever the
+    caller's environment: buffered, its lines would only arrive at exit. Fails, after killing it, if the line has
+    not come within `timeout` seconds (a real timeout: the output is read on a thread) or the command ended first.
+    """
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    if Path(cmd[0]).name.startswith("python") and "-u" not in cmd[1:2]:
+        cmd = [cmd[0], "-u", *cmd[1:]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + timeout
-    for line in proc.stdout:
-        if line.startswith(when) or time.time() > deadline:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # end of output
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline, seen = time.monotonic() + timeout, []
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line starting with {when!r} within {timeout} s from {cmd}; it printed:\n"
+                                     + "".join(seen[-20:])) from None
+            if line is None:
+                raise AssertionError(f"{cmd} ended (exit code {proc.wait()}) before printing {when!r}:\n"
+                                     + "".join(seen[-20:]))
+            seen.append(line)
+            if line.startswith(when):
+                return seen
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)

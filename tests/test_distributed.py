@@ -17,6 +17,7 @@ from tp3_fastai.data import TensorLoader, load_mnist
 from tp3_fastai.distributed import (LaunchConfig, digest, distributed_context, gather_object, is_main_process,
                                     launch_config, main_only, rank, setup_distributed, world_size)
 from tp3_fastai.learners import mnist_learner
+from probes import launcher, rank_records
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_mnist.py"
@@ -94,13 +95,11 @@ def _env() -> dict:
     return env
 
 
-# scripts/train_mnist.py with the CNN's dropout off: then a 2-process run must equal a single process up to float
-# rounding (see TOLERANCE)
-NO_DROPOUT = f"""
-import runpy
+# scripts/train_mnist.py with the CNN's dropout off (then a 2-process run must equal a single process up to float
+# rounding, see TOLERANCE), launched with a probe that records what each rank trained on (tests/probes.py)
+NO_DROPOUT = """
 from tp3_fastai import models
 models.MODELS["cnn"] = lambda: models.SmallCNN(dropout=0.0)
-runpy.run_path({str(SCRIPT)!r}, run_name="__main__")
 """
 
 
@@ -125,8 +124,7 @@ def runs(tmp_path_factory, monkeypatch_module):
     except ImportError:
         pytest.skip("distributed training needs accelerate (pip install accelerate)")
     base = tmp_path_factory.mktemp("dist")
-    wrapper = base / "train_mnist_no_dropout.py"
-    wrapper.write_text(NO_DROPOUT)
+    wrapper = launcher(base / "train_mnist_probed.py", SCRIPT, "RankWork", base / "probes", before=NO_DROPOUT)
     torchrun = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(wrapper), *ARGS, "--out", "r"], base / "two")
     from tp3_fastai import models
@@ -142,7 +140,9 @@ def runs(tmp_path_factory, monkeypatch_module):
         torch.set_num_threads(threads)
     stdout = _finish(torchrun, "torchrun")
     return dict(one=dict(summary=one), two=dict(folder=base / "two", stdout=stdout,
-                                                summary=json.loads((base / "two" / "r" / "summary.json").read_text())))
+                                                summary=json.loads((base / "two" / "r" / "summary.json").read_text()),
+                                                work=[next(r for r in records if "grad" in r)
+                                                      for records in rank_records(base / "probes", 2)]))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,24 @@ def test_two_processes_trained_their_shares_with_all_reduced_gradients(runs):
     (cnn,) = s["models"]
     # 2 epochs x ceil(3200 / 64) steps on each rank, each of 32 images: the two halves of every batch
     assert [r["train_batches"] for r in cnn["ranks"]] == [100, 100]
-    # identical weights on both ranks after training: gradients were all-reduced every step
+    # measured by the probe in each process: every step took 32 images, and every epoch each rank saw 1,600 of
+    # the 3,200 training images, the two halves disjoint and together the whole set, a new order every epoch
+    work = runs["two"]["work"]
+    assert [w["batch_sizes"] for w in work] == [{32}, {32}]
+    for epoch in range(2):
+        seen = [w["epochs"][epoch] for w in work]
+        assert [len(v) for v in seen] == [1600, 1600] and [len(set(v)) for v in seen] == [1600, 1600]
+        assert not set(seen[0]) & set(seen[1]) and len(set(seen[0]) | set(seen[1])) == 3200
+    assert work[0]["epochs"][0] != work[0]["epochs"][1]
+    # the model was wrapped in DistributedDataParallel for every training step
+    assert [w["ddp"] for w in work] == [{True}, {True}]
+    # the first step: each rank's own batch gives its own gradient; the optimiser got their mean on both ranks
+    g0, g1 = (w["grad"] for w in work)
+    l0, l1 = (w["local_grad"] for w in work)
+    assert not torch.allclose(l0, l1, atol=1e-4)
+    assert torch.allclose(g0, g1, rtol=0, atol=1e-7)
+    assert torch.allclose(g0, (l0 + l1) / 2, rtol=1e-4, atol=1e-7)
+    # identical weights on both ranks after training on different images: only because of the all-reduce
     assert len({r["weights"] for r in cnn["ranks"]}) == 1
     # test accuracy gathered over the ranks' halves of the test set: every rank reports the same value
     assert len({r["test_accuracy"] for r in cnn["ranks"]}) == 1
@@ -295,7 +312,12 @@ def test_finetune_on_two_processes_trains_both_and_writes_once(finetune_runs):
     assert stdout.count("run folder:") == 1
     config = json.loads((folder / "r" / "config.json").read_text())
     assert config["world_size"] == 2 and config["bs"] == 32 and config["bs_per_process"] == 16
-    assert sum(map(sum, s["confusion_matrix"]["matrix"])) == 50  # rank 0 alone predicted the whole valid set
+    # rank 0 alone predicted the whole valid set, once: each row holds its class's images (true classes as rows),
+    # and the diagonal is the final validation accuracy, which the ranks had gathered during training
+    cm = s["confusion_matrix"]
+    valid = Path(s["data"]["path"]) / "valid"
+    assert [sum(row) for row in cm["matrix"]] == [len(list((valid / c).iterdir())) for c in cm["classes"]]
+    assert sum(cm["matrix"][i][i] for i in range(len(cm["classes"]))) / 50 == pytest.approx(ft["final_valid_accuracy"])
 
 
 def test_finetune_on_two_processes_matches_a_single_process(finetune_runs):

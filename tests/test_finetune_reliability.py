@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,10 +15,13 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
+from tp3_fastai.cli import main as tp3
+from tp3_fastai.curves import read_curves
 from tp3_fastai.finetune import finetune_experiment
 from tp3_fastai.image_data import image_dls
 from tp3_fastai.transfer import check_image_size, resnet_learner, train_mode
 from conftest import run_then_kill
+from probes import FirstStepState, assert_same_state, installed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"  # timm's smallest ResNet: seconds per run on the CPU
@@ -27,6 +31,38 @@ FAST = dict(arch=ARCH, size=32, bs=32, aug="none", device="cpu", progress=False)
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+# The first resumed epoch next to an uninterrupted run's same epoch (test_resnet, LFW 32 px, seed 42, 4 epochs),
+# measured in-process: resumed after epoch 1 (freeze_epochs 2), 2 and 3 (freeze_epochs 1), train loss 0.515, 0.238,
+# 0.166 against 0.520, 0.483, 0.316 (4 batches an epoch: the resumed epoch's other batch order moves it by half) and
+# valid loss 0.598, 0.562, 0.467 against 0.603, 0.552, 0.469. A resume that restored nothing: train loss 0.867,
+# 0.948, 1.266 and valid loss 0.628, 0.656, 0.715. Hence: train loss at most 25% above, valid loss within 0.03.
+TRAIN_LOSS_AT_MOST, VALID_LOSS_TOL = 1.25, 0.03
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cache, tmp_path_factory):
+    """Curves of uninterrupted finetune runs, by freeze_epochs (4 epochs, the settings of the resume tests)."""
+    def curves(freeze_epochs: int) -> list[dict]:
+        s = finetune_experiment(modes=["finetune"], epochs=4, freeze_epochs=freeze_epochs, cache_dir=cache,
+                                out=tmp_path_factory.mktemp("uninterrupted") / "r", log=lambda s: None, **FAST)
+        return read_curves(Path(s["run_dir"]) / "metrics_finetune.csv")
+    return curves
+
+
+def _continued(got: dict, want: dict) -> None:
+    """The first resumed epoch learnt like the uninterrupted run's same epoch."""
+    assert got["epoch"] == want["epoch"]
+    assert got["train_loss"] <= TRAIN_LOSS_AT_MOST * want["train_loss"], (got, want)
+    assert got["valid_loss"] == pytest.approx(want["valid_loss"], abs=VALID_LOSS_TOL), (got, want)
+
+
+def _restored(records: list[dict], checkpoint: dict) -> None:
+    """The resumed learner trained its first batch from the checkpoint's weights and optimiser state."""
+    (resumed,) = [r for r in records if r]  # the one learner that trained
+    assert_same_state(resumed["model"], checkpoint["model"], "model")
+    assert_same_state(resumed["opt"], checkpoint["opt"]["state"], "optimizer")
 
 
 def _epochs(path: Path) -> list[int]:
@@ -46,28 +82,32 @@ class _Interrupt:
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_then_resume_keeps_finished_modes_and_continues_the_head_only_phase(cache, tmp_path):
+def test_ctrl_c_then_resume_keeps_finished_modes_and_continues_the_head_only_phase(cache, tmp_path, uninterrupted):
     out = tmp_path / "run"
-    log = _Interrupt("finetune epoch 2/3")
+    log = _Interrupt("finetune epoch 2/4")
     with pytest.raises(KeyboardInterrupt):
-        finetune_experiment(modes=["scratch", "finetune"], epochs=3, freeze_epochs=2, out=out, cache_dir=cache,
+        finetune_experiment(modes=["scratch", "finetune"], epochs=4, freeze_epochs=2, out=out, cache_dir=cache,
                             log=log, **FAST)
     assert any(f"--resume {out}" in line for line in log.lines)
     assert (out / "checkpoints" / "scratch" / "result.json").is_file() and not (out / "summary.json").exists()
     # interrupted after epoch 2's CSV row, before its checkpoint: epoch 1 is the last saved
-    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 1
+    saved = torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)
+    assert saved["epoch"] == 1
     assert _epochs(out / "metrics_finetune.csv") == [1, 2]
     lines = []
-    s = finetune_experiment(resume=out, cache_dir=cache, log=lines.append, device="cpu", progress=False)
+    with installed(FirstStepState) as records:
+        s = finetune_experiment(resume=out, cache_dir=cache, log=lines.append, device="cpu", progress=False)
+    _restored(records, saved)  # fastai's freeze() in fine_tune clears the optimiser: it must be restored after
     assert "scratch: finished before, kept" in "\n".join(lines)
-    assert "finetune: resuming after epoch 1/3 (head-only phase)" in lines
-    assert s["resumed"] == {"scratch": 3, "finetune": 1}
+    assert "finetune: resuming after epoch 1/4 (head-only phase)" in lines
+    assert s["resumed"] == {"scratch": 4, "finetune": 1}
     assert not any(line.startswith("scratch epoch") for line in lines)  # nothing of scratch ran again
     for mode in ("scratch", "finetune"):
-        assert _epochs(out / f"metrics_{mode}.csv") == [1, 2, 3]
-        assert s["modes"][mode]["epochs"] == 3 and s["modes"][mode]["best_epoch"] in (1, 2, 3)
+        assert _epochs(out / f"metrics_{mode}.csv") == [1, 2, 3, 4]
+        assert s["modes"][mode]["epochs"] == 4 and s["modes"][mode]["best_epoch"] in (1, 2, 3, 4)
     assert (out / "model.pkl").is_file() and (out / "summary.json").is_file()
-    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 3
+    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 4
+    _continued(read_curves(out / "metrics_finetune.csv")[1], uninterrupted(2)[1])
 
 
 class _Schedule(Callback):
@@ -98,23 +138,30 @@ def test_resumed_fine_tune_follows_the_uninterrupted_schedule(cache, tmp_path, s
     assert runs[start] == runs[0][start:]
 
 
-def test_sigkill_mid_finetune_then_resume_completes_every_epoch_once(cache, tmp_path):
+def test_sigkill_mid_finetune_then_resume_through_the_script_completes_every_epoch_once(cache, tmp_path, capsys,
+                                                                                      uninterrupted):
     out = tmp_path / "run"
     args = ["--arch", ARCH, "--size", "32", "--bs", "32", "--aug", "none", "--device", "cpu", "--cache-dir",
             str(cache)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run_then_kill([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args, "--modes", "finetune", "--epochs", "4",
-                   "--out", str(out)], "finetune epoch 3/4", timeout=120, env=env)
-    assert (out / "checkpoints" / "finetune" / "last.pth").is_file() and not (out / "summary.json").exists()
-    lines = []  # resumed in this process: one interpreter start less (the script's --resume: test below)
-    s = finetune_experiment(resume=out, device="cpu", cache_dir=cache, progress=False, log=lines.append)
+                   "--out", str(out)], "finetune epoch 3/4", timeout=240, env=env)
+    last = out / "checkpoints" / "finetune" / "last.pth"
+    assert last.is_file() and not (out / "summary.json").exists()
+    saved = torch.load(shutil.copy(last, tmp_path / "killed.pth"), weights_only=True)
+    with installed(FirstStepState) as records:  # `tp3 finetune --resume` / scripts/finetune.py --resume
+        tp3(["finetune", "--resume", str(out), "--device", "cpu", "--cache-dir", str(cache)])
+    _restored(records, saved)  # fastai's unfreeze() in fine_tune clears the optimiser: it must be restored after
+    stdout = capsys.readouterr().out
     # the kill lands after epoch 3's CSV row, before or after its checkpoint: both in the unfrozen phase
-    assert re.search(r"finetune: resuming after epoch [23]/4 \(unfrozen phase\)", "\n".join(lines)), lines
+    start = saved["epoch"]
+    assert start in (2, 3) and f"finetune: resuming after epoch {start}/4 (unfrozen phase)" in stdout, stdout
     assert _epochs(out / "metrics_finetune.csv") == [1, 2, 3, 4]
-    assert json.loads((out / "summary.json").read_text())["modes"] == s["modes"]
+    s = json.loads((out / "summary.json").read_text())
     assert set(s["modes"]) == {"finetune"} and s["modes"]["finetune"]["epochs"] == 4
-    assert s["resumed"]["finetune"] in (2, 3) and (out / "model.pkl").is_file()
-    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 4
+    assert s["resumed"] == {"finetune": start} and (out / "model.pkl").is_file()
+    assert torch.load(last, weights_only=True)["epoch"] == 4
+    _continued(read_curves(out / "metrics_finetune.csv")[start], uninterrupted(1)[start])
 
 
 def test_script_resume_of_a_folder_without_config_says_so(tmp_path, capsys):

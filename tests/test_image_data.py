@@ -14,6 +14,7 @@ from tp3_fastai import image_data
 from tp3_fastai.data import DownloadError
 from tp3_fastai.image_data import (CropResize, folder_dls, image_dls, image_source, lfw_folder, parse_aug, reseed,
                                    scan_folder, show_batch_png)
+from figures import image_area, pixels
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,7 @@ def test_show_batch_png(cache, tmp_path):
     path = show_batch_png(dls, tmp_path / "batch.png", n=8)
     with Image.open(path) as im:
         assert im.size[0] > 200 and im.size[1] > 100
+    assert image_area(pixels(path))[0] > 0.4  # eight photographs fill the grid (bare axes ink a few %)
 
 
 def _mixed_folder(root: Path) -> dict[str, Path]:

@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tp3_fastai.curves import COLUMNS, read_curves
 from tp3_fastai.data import mnist_dls
 from tp3_fastai.learners import mnist_learner
 from tp3_fastai.mnist import train_mnist
+from figures import assert_series
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,7 @@ def test_run_folder_holds_curves_metrics_and_summary(run):
     curves = read_curves(folder / "metrics_cnn.csv")
     assert all(0 <= r["train_accuracy"] <= 1 and r["seconds"] > 0 for r in curves)
     assert curves[-1]["valid_loss"] < curves[0]["valid_loss"]
-    assert (folder / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_series(folder / "curves.png", 2)  # the MLP's and the CNN's curves
     s = json.loads((folder / "summary.json").read_text())
     assert s["precision"] == "fp32" and s["device"] == "cpu" and s["seed"] == 42
     assert s["split_sizes"] == {"train": 3200, "valid": 800, "test": 1000}
@@ -64,8 +66,17 @@ def test_learner_supports_fit_and_lr_find(tmp_path):
     learn = mnist_learner(dls, "cnn", progress=False, log=None, path=tmp_path)
     learn.fit(1, 1e-3)
     assert len(learn.curves.history) == 1
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     res = learn.lr_find(num_it=20, show_plot=False)
-    assert res.valley > 0
+    # a mock training at learning rates growing geometrically from 1e-7 (x 10^0.4 a batch), stopped after 20
+    # batches or when the loss diverges; the suggestion is one of the rates tried
+    lrs, losses = learn.recorder.lrs, learn.recorder.losses
+    assert 6 <= len(lrs) == len(losses) <= 20 and lrs[0] == pytest.approx(1e-7)
+    assert all(b / a == pytest.approx(10 ** 0.4) for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] <= res.valley <= lrs[-1]
+    # and then gives the learner back as it was: weights restored, no epoch added to the curves
+    assert all(torch.equal(v, before[k]) for k, v in learn.model.state_dict().items())
+    assert len(learn.curves.history) == 1
 
 
 def test_fp16_on_cpu_is_refused_up_front(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tp3_fastai.practical import run_practical
+from figures import CYCLE, colormap_pixels, count_colour, image_area, pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,8 +53,19 @@ def test_every_figure_of_the_report_exists_and_the_html_embeds_it(report):
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
     assert len(figures) == 9  # Part 0 architectures, activations, 2 kernel grids; Part I curves; Part II label
     # efficiency, curves, predictions; Part III ERF
+    # each shows what it is named for: curves in a colour per model or mode, images, the effective-field heat map
+    kernel_tiles = lambda img: image_area(img)[0] > 0.15 and image_area(img)[1] > 20  # grey tiles, many levels
+    drawn = {"architectures.png": lambda img: min(count_colour(img, c) for c in CYCLE[:7]) > 40,  # 7 networks
+             "activations.png": lambda img: min(count_colour(img, c) for c in CYCLE[:6]) > 40,  # 6 activations
+             "kernels_mnist_cnn.png": kernel_tiles, "kernels_body.png": kernel_tiles,
+             "curves.png": lambda img: min(count_colour(img, c) for c in CYCLE[:2]) > 40,  # mlp, cnn
+             "label_efficiency.png": lambda img: min(count_colour(img, c) for c in CYCLE[:4]) > 40,  # 4 modes
+             "comparison.png": lambda img: min(count_colour(img, c) for c in CYCLE[:4]) > 40,
+             "predictions.png": lambda img: image_area(img)[0] > 0.3,
+             "erf.png": lambda img: colormap_pixels(img, "viridis")[0] > 10_000}  # measured 22,122
+    assert sorted(Path(f).name for f in figures) == sorted(drawn)
     for f in figures:
-        assert (report / f).stat().st_size > 5_000, f
+        assert drawn[Path(f).name](pixels(report / f)), f
         assert f'src="{f}"' in html
     assert html.count("<table") == md.count("\n|---|") == 8
 

@@ -1,5 +1,6 @@
 """Source pretraining, the body cache, the embedded source/target pair, the three modes and the label-efficiency
 study, on real digits at small sizes (one body pretrained per test session)."""
+import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -16,6 +17,8 @@ from tp3_fastai import tasks as T
 from tp3_fastai.data import MNIST_MEAN, MNIST_STD
 from tp3_fastai.transfer import resnet_learner
 from tp3_fastai.weights import RANDOM_INIT
+from figures import assert_series
+from probes import FirstInputs, installed
 
 ROOT = Path(__file__).resolve().parents[1]
 # timm's smallest ResNet (0.4M parameters, deep stem like resnet10t) keeps this file within its time budget;
@@ -172,9 +175,20 @@ def test_inputs_are_padded_with_background_and_normalised_the_same_in_every_mode
     assert x.shape == (4, 1, SIZE, SIZE) and x.dtype == torch.float32
     assert torch.allclose(x[..., :2, :], torch.tensor(-MNIST_MEAN / MNIST_STD))  # the padded border is background
     assert torch.allclose(x[..., 2:-2, 2:-2], (tasks[1].x_test[:4].float() / 255 - MNIST_MEAN) / MNIST_STD)
-    dls = _dls(tasks[1])
-    resnet_learner(dls, ARCH, pretrained=body[0], n_in=1, progress=False, log=None)
-    assert not hasattr(dls.train, "after_batch")  # nothing (no second Normalize) was added to the loaders
+    # what the network gets, measured inside each mode's training and test: the same normalised images in every
+    # mode, pretrained body or not (fastai's vision_learner adds a Normalize of its own to pretrained learners)
+    seen = {}
+    for mode in ("scratch", "frozen", "finetune"):
+        with installed(FirstInputs) as records:
+            LE.target_run(tasks[1], mode, 5, 0, body[0], ARCH, SIZE, epochs=2, bs=16)
+        (seen[mode],) = [r for r in records if r]
+    test = T.prepare(tasks[1].x_test, SIZE, MNIST_MEAN, MNIST_STD)
+    x_train, _ = tasks[1].train(5, 0)
+    train = {bytes(r.numpy()) for r in T.prepare(x_train, SIZE, MNIST_MEAN, MNIST_STD)}
+    for mode, r in seen.items():
+        assert torch.equal(r["evaluated"], test[:len(r["evaluated"])]), mode  # the test loader's first batch
+        assert len(r["train"]) == 16 and all(bytes(x.numpy()) in train for x in r["train"]), mode
+        assert torch.equal(r["train"], seen["scratch"]["train"]), mode
 
 
 # ---------------------------------------------------------------- the modes on the target
@@ -239,14 +253,28 @@ def test_a_tiny_label_efficiency_run_writes_png_json_and_markdown(tasks, body, t
     acc = json.loads((run / "label_efficiency.json").read_text())
     assert set(acc) == set(LE.STUDY_MODES)
     assert all(set(per_k) == {"2", "3"} and all(len(v) == 2 for v in per_k.values()) for per_k in acc.values())
-    assert all(0 <= a <= 1 for per_k in acc.values() for v in per_k.values() for a in v)
+    # one row per run in runs.csv, as the runs went (k, then seed, then mode); its test accuracy is the JSON's, a
+    # count of the 125 test digits
+    with open(run / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["k"], r["seed"], r["mode"]) for r in rows] == [(k, s, m) for k in "23" for s in "01"
+                                                              for m in LE.STUDY_MODES]
+    for r in rows:
+        a = acc[r["mode"]][r["k"]][int(r["seed"])]
+        assert float(r["test_accuracy"]) == pytest.approx(a, abs=1e-5) and (a * 125) == pytest.approx(round(a * 125))
     md = (run / "label_efficiency.md").read_text()
     assert "| labels per class | scratch | frozen | frozen_bn | finetune |" in md and "`pytest`" in md
+    for k in "23":  # the table's cells: mean ± std over the seeds
+        cells = [f"{np.mean(acc[m][k]):.3f} ± {np.std(acc[m][k], ddof=1):.3f} (2)" for m in LE.STUDY_MODES]
+        assert f"| {k} | " + " | ".join(cells) + " |" in md
     assert "train_bn=True vs False" in md and "cached" in md
-    assert (run / "label_efficiency.png").stat().st_size > 10_000
+    assert_series(run / "label_efficiency.png", len(LE.STUDY_MODES))  # a line per mode
     assert summary["body"]["cached"] is True and summary["body"]["sha256"] == info["sha256"]
-    assert set(summary["timing"]["train_seconds"]) == set(LE.STUDY_MODES) and summary["timing"]["train_bn_cost"] > 0
-    assert len((run / "runs.csv").read_text().splitlines()) == 1 + 2 * 2 * 4
+    # the train_bn cost is frozen_bn's training time over frozen's, summed over the runs
+    seconds = {m: sum(r["train_seconds"] for r in summary["runs"] if r["mode"] == m) for m in LE.STUDY_MODES}
+    assert summary["timing"]["total_train_seconds"] == pytest.approx(seconds)
+    assert summary["timing"]["train_bn_cost"] == pytest.approx(seconds["frozen_bn"] / seconds["frozen"])
+    assert f"{summary['timing']['train_bn_cost']:.2f}x the training time" in md
     assert any("test accuracy" in line for line in lines)
 
 

@@ -20,6 +20,7 @@ from tp3_fastai.receptive_field import (
     LargeActivationWarning, effective_receptive_field, layer_report, layer_report_markdown, measure_receptive_field,
     parse_input_shape, plot_erf, plot_rf_box, receptive_fields, rf_table_markdown, select_rows, write_rf_table,
 )
+from figures import colormap_pixels, drawn_box, pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,7 +255,9 @@ def test_effective_field_lies_inside_the_theoretical_field(tmp_path):
     assert erf.map.shape == (28, 28) and erf.theoretical_pixels == 16 * 16
     assert erf.mass_inside == pytest.approx(1.0)
     assert 0 < erf.area_fraction[0.5] < erf.area_fraction[0.9] <= 1
-    assert plot_erf(erf, tmp_path / "erf.png").stat().st_size > 0
+    # the heat map (and its colour bar) in viridis, a whole range of its colours
+    area, colours = colormap_pixels(pixels(plot_erf(erf, tmp_path / "erf.png")), "viridis")
+    assert area > 50_000 and colours > 100, (area, colours)  # measured 167,728 and 387
 
 
 def test_tables_and_box(tmp_path):
@@ -268,7 +271,9 @@ def test_tables_and_box(tmp_path):
     row = next(r for r in rows if r.name == "pool2")
     assert row.box() == ((-6, 9), (-6, 9)) and row.box((3, 3)) == ((6, 21), (6, 21))   # start 1.5 +- 7.5, + 3*4
     img = Image.fromarray(np.zeros((28, 28), dtype=np.uint8))
-    assert plot_rf_box(img, row, tmp_path / "box.png").stat().st_size > 0
+    drawn = pixels(plot_rf_box(img, row, tmp_path / "box.png"))
+    # the red box on the (black) image is the field of the centre unit (3, 3): pixels 6 to 21 on both axes
+    assert drawn_box(drawn, (28, 28), "red", "black") == pytest.approx((5.5, 21.5, 5.5, 21.5), abs=0.25)
 
 
 # ---------------------------------------------------------------------------------------- the script

@@ -21,6 +21,7 @@ from tp3_fastai.finetune import finetune_experiment, predict
 from tp3_fastai.models import count_params
 from tp3_fastai.transfer import MODES, resnet_learner, set_mode, train_mode, trainable_summary
 from tp3_fastai.weights import RANDOM_INIT, read_state_dict
+from figures import assert_series, colormap_pixels, count_colour, image_area, pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "resnet18"  # small and fast; one test builds the practical's resnet50
@@ -212,8 +213,7 @@ def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_pat
              "--out", str(out), "--cache-dir", str(cache), "--aug", "noflip")
     assert r.returncode == 0, r.stderr
     assert "| mode |" in r.stdout and "| frozen |" in r.stdout
-    for name in ("config.json", "metrics_scratch.csv", "metrics_finetune.csv", "metrics_frozen.csv", "comparison.png",
-                 "show_batch.png", "predictions.png", "confusion_matrix.png", "model.pkl", "summary.json",
+    for name in ("config.json", "metrics_scratch.csv", "metrics_finetune.csv", "metrics_frozen.csv", "summary.json",
                  "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     s = json.loads((out / "summary.json").read_text())
@@ -229,13 +229,34 @@ def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_pat
         with open(out / f"metrics_{m}.csv") as f:
             assert len(list(csv.DictReader(f))) == 2
     assert s["precision"] == "fp32" and s["env"]["fastai"] and s["env"]["timm"]
-    assert sum(map(sum, s["confusion_matrix"]["matrix"])) == s["data"]["n_valid"] == 50
-    assert s["best_mode"] in MODES
-    image = next((cache / "lfw" / "valid" / "face").iterdir())
-    _script("predict")(str(out / "model.pkl"), str(image))  # in-process: saves a second interpreter start
-    path, label, prob = capsys.readouterr().out.strip().split("\t")
-    assert path == str(image) and label in ("face", "non_face") and 0.5 <= float(prob) <= 1
-    assert predict(out / "model.pkl", image) == (label, pytest.approx(float(prob), abs=1e-4))
+    best = s["best_mode"]
+    assert best in MODES and s["modes"][best]["final_valid_accuracy"] == max(
+        r["final_valid_accuracy"] for r in s["modes"].values())
+    # the confusion matrix of the best mode: true classes as rows, so each row holds its class's 25 valid images;
+    # its diagonal is the accuracy that mode reached in its last epoch
+    cm = s["confusion_matrix"]
+    valid = {c: sorted((cache / "lfw" / "valid" / c).iterdir()) for c in cm["classes"]}
+    assert cm["mode"] == best and cm["classes"] == ["face", "non_face"] and s["data"]["n_valid"] == 50
+    assert [sum(row) for row in cm["matrix"]] == [len(valid[c]) for c in cm["classes"]] == [25, 25]
+    accuracy = sum(cm["matrix"][i][i] for i in range(2)) / 50
+    assert accuracy == pytest.approx(s["modes"][best]["final_valid_accuracy"])
+    assert all(sum(col) > 0 for col in zip(*cm["matrix"]))  # it predicts both classes (else predict is untestable)
+    # model.pkl, through `tp3 predict` on every valid image, predicts what the trained learner did in the run
+    images = [str(f) for c in cm["classes"] for f in valid[c]]
+    _script("predict")(str(out / "model.pkl"), *images)  # in-process: saves a second interpreter start
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [path for path, _, _ in lines] == images
+    predicted = [[0, 0], [0, 0]]
+    for (path, label, prob), truth in zip(lines, [c for c in cm["classes"] for _ in valid[c]]):
+        predicted[cm["classes"].index(truth)][cm["classes"].index(label)] += 1
+        assert 0.5 <= float(prob) <= 1  # the predicted class is the more probable of the two
+    assert predicted == cm["matrix"]
+    assert_series(out / "comparison.png", 3)  # a curve colour per mode
+    for name in ("show_batch.png", "predictions.png"):
+        assert image_area(pixels(out / name))[0] > 0.4, name  # grids of images
+    assert count_colour(pixels(out / "predictions.png"), "green") > 20  # the titles of right predictions
+    img = pixels(out / "confusion_matrix.png")
+    assert colormap_pixels(img, "Blues")[0] > 0.1 * img[..., 0].size  # the heat map
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"no image")
     with pytest.raises(ValueError, match="cannot read image"):
@@ -263,3 +284,15 @@ def test_scripts_turn_errors_into_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         _script("predict")(str(tmp_path / "missing.pkl"), "x.png")
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_fine_tune_gives_the_body_the_head_rate_over_lr_mult(dls, tmp_path):
+    learn = _learner(dls, tmp_path, arch="test_resnet")
+    rec = _Phases()
+    learn.add_cbs([rec, ShortEpochCallback(pct=0.3, short_valid=True)])
+    done = train_mode(learn, "finetune", epochs=2, lr=1e-3, freeze_epochs=1, lr_mult=4)
+    (_, lrs1), (_, lrs2) = rec.seen
+    assert lrs2[0] == pytest.approx(lrs2[1] / 4)  # not fastai's default 100
+    assert done["phases"][1]["lr"] == "slice(0.000125, 0.0005)"
+    with pytest.raises(ValueError, match="lr_mult must be positive"):
+        train_mode(learn, "finetune", epochs=2, freeze_epochs=1, lr_mult=0)

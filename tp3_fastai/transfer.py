@@ -183,10 +183,18 @@ class PhaseEpochs(Callback):
     """
     order = 59  # before CurvesCallback (60) and CheckpointCallback (65)
 
-    def __init__(self, phase_epochs: Sequence[int], done: int = 0):
+    def __init__(self, phase_epochs: Sequence[int], done: int = 0, opt_state: dict | None = None):
         self.starts = [sum(phase_epochs[:i]) for i in range(len(phase_epochs))]
         self.total, self.done, self.fits, self.offset, self.batches = sum(phase_epochs), done, 0, 0, 0
         self.restore = _RestoreEpoch(self)
+        # a resumed run's optimizer state: fastai's freeze() / unfreeze() clear it, so it is put back when the
+        # first epoch trains, unless that epoch starts a phase (an uninterrupted run clears it there too)
+        self.opt_state = None if done in self.starts else opt_state
+
+    def before_train(self) -> None:
+        if self.opt_state is not None:
+            self.learn.opt.load_state_dict(self.opt_state)
+            self.opt_state = None
 
     def before_fit(self) -> None:
         self.offset = self.starts[min(self.fits, len(self.starts) - 1)]
@@ -246,8 +254,9 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
     if lr_mult <= 0:
         raise ValueError(f"lr_mult must be positive, got {lr_mult}")
     first_row = len(learn.curves.history) if hasattr(learn, "curves") else 0
+    loaded = learn.opt.state_dict() if start and learn.opt is not None else None  # before freeze() clears it
     set_mode(learn, mode, train_bn)
-    shift = PhaseEpochs([freeze_epochs, epochs - freeze_epochs] if mode == "finetune" else [epochs], start)
+    shift = PhaseEpochs([freeze_epochs, epochs - freeze_epochs] if mode == "finetune" else [epochs], start, loaded)
     cbs = [shift, shift.restore]
     t0 = time.perf_counter()
     if mode == "finetune":

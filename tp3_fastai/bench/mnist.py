@@ -57,7 +57,7 @@ def bench_mnist_loop(arch: str = "cnn", epochs: int = 3, repeats: int = 3, bs: i
     dls, _ = mnist_dls(bs=bs, device=dev, seed=seed)
     train, valid = (dls.train.x, dls.train.y), (dls.valid.x, dls.valid.y)
     adam = partial(OptimWrapper, opt=torch.optim.Adam)
-    fastai_times, plain_times = [], []
+    fastai_times, plain_times, plain_last = [], [], {}
     for r in range(repeats):
         set_seed(seed + r)
         learn = mnist_learner(dls, arch, lr=lr, opt_func=adam, progress=False, log=None)
@@ -68,12 +68,16 @@ def bench_mnist_loop(arch: str = "cnn", epochs: int = 3, repeats: int = 3, bs: i
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         plain_epoch(model, opt, train, valid, bs, gen)  # warm-up
-        plain_times += [timed(lambda: plain_epoch(model, opt, train, valid, bs, gen), dev) for _ in range(epochs)]
+        plain_times += [timed(lambda: plain_last.update(plain_epoch(model, opt, train, valid, bs, gen)), dev)
+                        for _ in range(epochs)]
     f, p = spread(fastai_times), spread(plain_times)
+    # both loops learn alike (same model, optimizer and data), or the ratio would compare different work
+    accuracy = dict(fastai=learn.curves.history[-1]["valid_accuracy"], plain=plain_last["valid_accuracy"])
     result = dict(arch=arch, bs=bs, train_images=len(train[1]), valid_images=len(valid[1]), device=str(dev), device_name=device_name(dev),
                   optimizer="torch.optim.Adam", fastai_epoch_s=f, plain_epoch_s=p,
-                  ratio=f["median"] / p["median"])
+                  ratio=f["median"] / p["median"], final_valid_accuracy=accuracy)
     log(f"{arch} on {result['device_name']}, {len(train[1])}+{len(valid[1])} images, bs {bs}: fastai Learner {f['median']:.3f}s/epoch "
         f"(min {f['min']:.3f}, max {f['max']:.3f}); plain PyTorch {p['median']:.3f}s/epoch "
-        f"(min {p['min']:.3f}, max {p['max']:.3f}); ratio {result['ratio']:.3f}x")
+        f"(min {p['min']:.3f}, max {p['max']:.3f}); ratio {result['ratio']:.3f}x; final valid accuracy "
+        f"{accuracy['fastai']:.4f} and {accuracy['plain']:.4f}")
     return result
