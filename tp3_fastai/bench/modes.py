@@ -6,19 +6,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
 
 from ..data import TensorLoader
 from ..device import synchronize
 from ..models import check_name, count_params
+from ..optimizer import default_opt_func
 from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
-                    synthetic_batches, tune_learner)
+                    synthetic_batches, untune_learner)
 from .timing import (_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
                      timed)
 
@@ -31,12 +30,15 @@ MODE_LABELS = {
 }
 LEVER_PRECISIONS = ("fp32", "fp16", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
-LOOPS = ("plain", "package", "tuned", "package_fastai_adam")
+LOOPS = ("plain", "package", "stock", "package_fastai_adam")
 LOOP_LABELS = {
-    "plain": "plain PyTorch loop (torch.optim.Adam, OneCycleLR)",
-    "package": "package Learner as built by resnet_learner / train_head_on_features (optimiser: torch.optim.Adam)",
-    "tuned": "package Learner + tune_learner (event dispatch, no per-batch host syncs, plain tensors)",
-    "package_fastai_adam": "package Learner with fastai's own Adam (resnet_learner's default; not the same optimiser)",
+    "plain": "plain PyTorch loop (the package's AdamW as a bare torch optimiser, OneCycleLR)",
+    "package": "package Learner as built by resnet_learner / train_head_on_features (its default optimiser, torch "
+               "AdamW, and lean loop: no per-batch host reads, events only to their callbacks, plain tensors)",
+    "stock": "the same Learner with fastai's stock loop (untune_learner: fastai's Learner class, Recorder, "
+             "MixedPrecision and tensor subclasses; what the package ran before)",
+    "package_fastai_adam": "package Learner with fastai's own Adam (the package's default before; not the same "
+                           "optimiser)",
 }
 
 
@@ -61,11 +63,11 @@ def _mode_args(mode: str) -> tuple[str, bool]:
             "precomputed": ("frozen", False)}[mode]
 
 
-def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "torch",
-                 lr: float = 1e-3, tuned: bool = False):
+def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "package",
+                 lr: float = 1e-3, stock: bool = False):
     """A learner built by transfer.resnet_learner (random init, same seed: same weights in every mode) and put in
-    `mode` by transfer.set_mode. `opt`: 'torch' (torch.optim.Adam through OptimWrapper, as the plain loop) or
-    'fastai' (fastai's Adam, resnet_learner's default)."""
+    `mode` by transfer.set_mode. `opt`: 'package' (resnet_learner's default, torch AdamW: the plain loop's
+    optimiser) or 'fastai' (fastai's Adam). `stock`: fastai's stock loop instead of the package's lean one."""
     from fastai.optimizer import Adam as FastaiAdam
 
     from ..transfer import resnet_learner, set_mode
@@ -75,10 +77,12 @@ def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", 
     set_seed(seed)
     learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=train_bn, progress=False,
                            log=None, lr=lr, name=mode)
-    learn.opt_func = partial(OptimWrapper, opt=torch.optim.Adam) if opt == "torch" else FastaiAdam
+    check_name(opt, ["package", "fastai"], "benchmark optimiser")
+    if opt == "fastai":
+        learn.opt_func = FastaiAdam
     set_mode(learn, fastai_mode, train_bn)
     learn.bench_mode = mode
-    return tune_learner(learn) if tuned else learn
+    return untune_learner(learn) if stock else learn
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -164,12 +168,13 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                    warmup: int, steps: int, repeats: int, bs: int, lr: float, count_reads: bool = True,
                    loops: Sequence[str] = LOOPS, log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """The package's fastai loop against the plain PyTorch loop: same model and initial weights, optimiser
-    (torch.optim.Adam, except 'package_fastai_adam'), one-cycle schedule, data (synthetic on-device batches, or
-    their precomputed features) and precision. Ratio = median step time / the plain loop's."""
-    from fastai.losses import CrossEntropyLossFlat
+    (the package's AdamW, except 'package_fastai_adam'), one-cycle schedule, data (synthetic on-device batches, or
+    their precomputed features) and precision; 'stock' is fastai's stock loop. Ratio = median step time / the
+    plain loop's."""
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam as FastaiAdam
 
+    from ..fastloop import CrossEntropyLossFlat
     from ..features import feature_learner, feature_split, precompute_features
 
     rows = []
@@ -184,18 +189,18 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                 idx = torch.arange(k * bs, device=dev) % len(labels)
                 return TensorLoader(feats[idx], labels[idx], bs, shuffle=True, drop_last=True, device=dev)
 
-            def head_learner(opt_func, tuned=False):
+            def head_learner(opt_func, stock=False):
                 set_seed(seed)
                 learn = feature_learner(copy.deepcopy(head), dls, CrossEntropyLossFlat(), opt_func, lr,
                                         metrics=accuracy, precision=precision)
-                return tune_learner(learn) if tuned else learn
+                return untune_learner(learn) if stock else learn
 
             for name in loops:
                 if name == "plain":
                     built[name] = PlainLoop(copy.deepcopy(head), dev, precision, lr)
                 else:
-                    opt = FastaiAdam if name == "package_fastai_adam" else partial(OptimWrapper, opt=torch.optim.Adam)
-                    built[name] = LearnerLoop(head_learner(opt, name == "tuned"), dev, lr, name)
+                    opt = FastaiAdam if name == "package_fastai_adam" else default_opt_func(dev)
+                    built[name] = LearnerLoop(head_learner(opt, name == "stock"), dev, lr, name)
         else:
             def make_loader(k: int):
                 return BatchLoader(batches, k)
@@ -206,8 +211,8 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                     built[name] = PlainLoop(model, dev, precision, lr, bn_eval=mode == "frozen")
                 else:
                     learn = mode_learner(dls, arch, mode, seed, precision,
-                                         opt="fastai" if name == "package_fastai_adam" else "torch",
-                                         lr=lr, tuned=name == "tuned")
+                                         opt="fastai" if name == "package_fastai_adam" else "package",
+                                         lr=lr, stock=name == "stock")
                     built[name] = LearnerLoop(learn, dev, lr, name)
         times = _alternate(built, make_loader, warmup, steps, repeats)
         reads = {k: host_reads_per_step(v, make_loader) if count_reads else None for k, v in built.items()}
@@ -253,8 +258,8 @@ def bench_pipeline(real_dls, syn_dls, arch: str, modes: Sequence[str], dev: torc
             "plain/real": PlainLoop(mode_learner(real_dls, arch, mode, seed, precision).model, dev, precision, lr,
                                     bn_eval=bn_eval),
             "package/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr), dev, lr),
-            "tuned/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr, tuned=True), dev,
-                                      lr, "tuned"),
+            "stock/real": LearnerLoop(mode_learner(real_dls, arch, mode, seed, precision, lr=lr, stock=True), dev,
+                                      lr, "stock"),
         }
         times: dict[str, list[float]] = {k: [] for k in built}
         for r in range(repeats):
