@@ -195,12 +195,12 @@ def test_finetune_beats_scratch_with_10_labels_per_class(tasks, body):
 def test_frozen_training_leaves_the_body_unchanged(tasks, body):
     learn, r = LE.target_run(tasks[1], "frozen", 5, 0, body[0], ARCH, SIZE, epochs=2)
     saved = load_file(str(body[0]))
-    after = learn.model[0].model.state_dict()
+    after = {k: v.cpu() for k, v in learn.model[0].model.state_dict().items()}  # trained on --device
     assert all(torch.equal(saved[k], after[k]) for k in saved)  # weights and BatchNorm statistics
     assert r["trainable_params"] == sum(p.numel() for p in learn.model[1].parameters())  # the head alone
 
     learn, _ = LE.target_run(tasks[1], "frozen_bn", 5, 0, body[0], ARCH, SIZE, epochs=2)
-    after = learn.model[0].model.state_dict()
+    after = {k: v.cpu() for k, v in learn.model[0].model.state_dict().items()}
     bn = {f"{n}.{p}" for n, m in learn.model[0].model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
           for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     assert all(torch.equal(saved[k], after[k]) for k in saved if k not in bn)  # convolutions untouched
