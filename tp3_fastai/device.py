@@ -65,6 +65,17 @@ def resolve_channels_last(channels_last: bool | None, device: torch.device | str
     return bool(channels_last)
 
 
+MEMORY_FORMATS = {"auto": None, "channels_last": True, "contiguous": False}
+
+
+def parse_memory_format(memory_format: str) -> bool | None:
+    """The `channels_last` argument for a memory format name: 'auto' (None: decided by the device),
+    'channels_last' or 'contiguous'."""
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(f"unknown memory format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+    return MEMORY_FORMATS[memory_format]
+
+
 def autocast(device: torch.device, precision: str) -> ContextManager:
     """An autocast context for a plain PyTorch loop matching fastai's mixed precision."""
     if precision == "fp32":

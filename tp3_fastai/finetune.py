@@ -18,11 +18,12 @@ from fastai.torch_core import set_seed
 
 from .checkpoint import CheckpointCallback, load_checkpoint, truncate_csv
 from .curves import CurvesCallback, plot_curves, read_curves
-from .device import env_info, pick_device, resolve_precision
+from .device import env_info, pick_device, resolve_channels_last, resolve_precision
 from .distributed import (LaunchConfig, as_single_process, backend_for, barrier, broadcast_object, digest,
                           distributed_context, gather_object, join_launch, main_only, rank)
 from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, plot_image_grid, reseed,
                          show_batch_png)
+from .optimizer import OPTIMIZER_NAME
 from .runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 from .transfer import MODES, check_image_size, check_plan, resnet_learner, set_mode, train_mode
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights
@@ -174,7 +175,7 @@ def _split_digest(dls: DataLoaders) -> str:
 def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: int | None = None, bs: int = 32,
                         epochs: int = 5, modes: Sequence[str] = MODES, pretrained: WeightsArg = False,
                         lr: float = 2e-3, freeze_epochs: int = 1, train_bn: bool = True, precision: str = "auto",
-                        channels_last: bool = False, aug: str = "default", seed: int = 42, device: str = "auto",
+                        channels_last: bool | None = None, aug: str = "default", seed: int = 42, device: str = "auto",
                         out: str | Path = "runs/finetune", overwrite: bool = False,
                         cache_dir: str | Path = DEFAULT_CACHE, progress: bool | None = None,
                         resume: str | Path | None = None, log: Callable[[str], None] = print,
@@ -209,6 +210,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
                          "resume needs the same file")
     dev, main, world = join_launch(bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
+    channels_last = resolve_channels_last(channels_last, dev)  # None: on CUDA
     log = main_only(log)
     t0 = time.perf_counter()
     if main:  # rank 0 alone writes the embedded set or downloads (data, hub weights); the others then read them
@@ -224,7 +226,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
     config = dict(data=str(data), arch=arch, size=size, bs=bs, epochs=epochs, modes=modes,
                   pretrained=pretrained if isinstance(pretrained, bool) else str(pretrained), weights=weights, lr=lr,
                   freeze_epochs=freeze_epochs, train_bn=train_bn, aug=aug, seed=seed, device=str(dev), precision=prec,
-                  channels_last=channels_last, optimizer="fastai Adam (wd 0.01 decoupled)", world_size=world, env=env)
+                  channels_last=channels_last, optimizer=OPTIMIZER_NAME, world_size=world, env=env)
     if world > 1:
         config.update(bs_per_process=bs // world, backend=backend_for(dev))
     if resume is None and main:

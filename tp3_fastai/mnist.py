@@ -17,6 +17,7 @@ from .distributed import (LaunchConfig, backend_for, broadcast_object, digest, d
                           join_launch, main_only, rank)
 from .learners import mnist_learner
 from .models import MODELS, check_name, count_params
+from .optimizer import OPTIMIZER_NAME
 from .runs import markdown_table, new_run_dir, read_json, write_json
 
 SUMMARY_COLUMNS = ("model", "params", "epochs", "sec_per_epoch", "valid_accuracy", "test_accuracy")
@@ -52,7 +53,7 @@ def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "c
     # rank 0 names the run folder (a new -2, -3, ... if it exists) and tells the others
     run = broadcast_object((Path(resume) if resume is not None else new_run_dir(out, overwrite)) if main else None)
     config = dict(source=str(source), archs=list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
-                  device=str(dev), precision=prec, optimizer="fastai Adam (wd 0.01 decoupled)",
+                  device=str(dev), precision=prec, optimizer=OPTIMIZER_NAME,
                   schedule="fit_one_cycle", world_size=world, env=env_info(dev))
     if world > 1:
         config.update(bs_per_process=bs // world, backend=backend_for(dev))

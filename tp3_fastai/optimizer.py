@@ -19,7 +19,7 @@ from fastai.optimizer import OptimWrapper, set_item_pg
 from fastcore.foundation import L
 
 ADAM_HYPERS = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)  # fastai.optimizer.Adam's defaults
-OPTIMIZER_NAME = "torch AdamW via fastai OptimWrapper (betas 0.9/0.99, eps 1e-5, wd 0.01 decoupled, none on biases/norms)"
+OPTIMIZER_NAME = "torch AdamW in fastai's OptimWrapper: betas 0.9/0.99, eps 1e-5, wd 0.01 decoupled (not on 1-D)"
 
 
 def no_decay(p: torch.Tensor) -> bool:
