@@ -28,8 +28,9 @@ def run(tmp_path_factory, device):
 def test_short_training_on_real_digits_reaches_measured_accuracy(run):
     _, summary, _ = run
     acc = {m["model"]: m["test_accuracy"] for m in summary["models"]}
-    # measured with 3 epochs, seeds 0/1/42: mlp 0.897-0.900, cnn 0.936-0.954
-    assert acc["mlp"] > 0.85 and acc["cnn"] > 0.90
+    # measured with 3 epochs, seeds 0/1/42, CPU: mlp 0.897-0.900, cnn 0.936-0.954, with fastai's Adam and with the
+    # package's AdamW alike (docs/benchmarks.md); the margins leave room for seed noise and a GPU's bf16
+    assert acc["mlp"] > 0.88 and acc["cnn"] > 0.92
     assert acc["cnn"] > acc["mlp"]
 
 
