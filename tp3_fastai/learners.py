@@ -29,12 +29,14 @@ from .optimizer import default_opt_func
 
 
 class Learner(fastai_learner.Learner):
-    """fastai's Learner, dispatching each training-loop event only to the callbacks that handle them.
+    """fastai's Learner with a cheaper loop: the same events, in the same order, with the same values.
 
     fastai calls every callback for every event (eight or more events a batch), building a fastcore `L` and sorting
     the callbacks each time, and a callback without that method misses through fastcore's attribute forwarding to
     the Learner: about 1 ms a batch on MNIST (measured here). Here the handlers of each event are worked out once per
-    set of callbacks. `to_fp16` / `to_bf16` add the package's QuietMixedPrecision (see fastloop).
+    set of callbacks, and run without fastai's per-callback lookup of `training` through the Learner. Batches of
+    plain tensors already on the model's device are not walked again; the ParamScheduler of fit_one_cycle and
+    fine_tune becomes a LeanParamScheduler; `to_fp16` / `to_bf16` add QuietMixedPrecision (see fastloop).
     """
 
     def __call__(self, event_name) -> None:
