@@ -1,5 +1,6 @@
 """The training-mode benchmark: timing helpers, the modes' trainable parameters, the package's lean fastai loop
-against fastai's stock loop, and a --quick smoke run of scripts/bench_freeze.py on the CPU checking the outputs' structure and consistency."""
+against fastai's stock loop, and a --quick smoke run of scripts/bench_freeze.py on the CPU checking the outputs'
+structure and consistency."""
 from __future__ import annotations
 
 import copy
