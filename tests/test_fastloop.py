@@ -41,13 +41,13 @@ class Log(Callback):
     """Records the events it receives; `fail_at` raises there."""
     order = 30
 
-    def __init__(self, log, name, fail_at=None, **flags):
-        self.log, self.label, self.fail_at = log, name, fail_at
+    def __init__(self, events, name, fail_at=None, **flags):
+        self.events, self.label, self.fail_at = events, name, fail_at
         for k, v in flags.items():
             setattr(self, k, v)
 
     def _record(self, event):
-        self.log.append((self.label, event, self.learn.training if hasattr(self.learn, "training") else None))
+        self.events.append((self.label, event, self.learn.training if hasattr(self.learn, "training") else None))
         if event == self.fail_at:
             raise RuntimeError("boom")
 
