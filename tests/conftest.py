@@ -1,4 +1,9 @@
-"""Shared fixtures: small real-data folders built from the embedded MNIST sample; one torch thread."""
+"""Shared fixtures: small real-data folders built from the embedded MNIST sample; one torch thread; the device.
+
+`--device cpu` (the default) runs the whole suite as on a machine without a GPU, even where one is visible: device
+'auto' resolves to the CPU in this process and in the scripts it starts. `--device cuda` leaves the GPU visible:
+every test that trains with device 'auto' trains on it, and the `device` fixture tells tests what to expect.
+Tests that need a Jupyter kernel are skipped where none is installed (`needs_kernel`)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +21,43 @@ import torch
 from PIL import Image
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
+                     help="cpu (default): run as on a machine without a GPU, GPU or not; cuda: device-dependent tests "
+                          "(everything that trains with device 'auto') run on the GPU")
+
+
+def pytest_configure(config) -> None:
+    if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def device(request) -> str:
+    """The device the device-dependent tests run on ('cpu' or 'cuda'). With 'cpu' the GPU, if any, is hidden for
+    the whole session: torch.cuda.is_available() is False here and CUDA_VISIBLE_DEVICES is empty for subprocesses."""
+    dev = request.config.getoption("--device")
+    with pytest.MonkeyPatch.context() as mp:
+        if dev == "cpu":
+            mp.setenv("CUDA_VISIBLE_DEVICES", "")
+            mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield dev
+
+
+def kernel_available(name: str = "python3") -> bool:
+    """Whether a Jupyter kernel `name` can be started here (nbclient needs one to run the notebooks)."""
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        KernelSpecManager().get_kernel_spec(name)
+    except Exception:  # jupyter_client missing, or no such kernel (no ipykernel)
+        return False
+    return True
+
+
+needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no Jupyter kernel 'python3' installed (ipykernel)")
 
 
 def write_mnist_folder(root: Path, per_class: int = 12, classes: range = range(10)) -> Path:

@@ -1,5 +1,6 @@
-"""The training-mode benchmark: timing helpers, the modes' trainable parameters, the tuned fastai loop, and a
---quick smoke run of scripts/bench_freeze.py on the CPU checking the outputs' structure and consistency."""
+"""The training-mode benchmark: timing helpers, the modes' trainable parameters, the package's lean fastai loop
+against fastai's stock loop, and a --quick smoke run of scripts/bench_freeze.py on the CPU checking the outputs'
+structure and consistency."""
 from __future__ import annotations
 
 import copy
@@ -18,6 +19,7 @@ from torch import nn
 from tp3_fastai.bench import (FREEZE_MODES, LOOPS, BatchLoader, HostReadCounter, LearnerLoop, PlainLoop,
                               lever_skip_reason, mode_learner, resolve_config, spread,
                               synthetic_batches, trainable_names, tune_learner)
+from tp3_fastai.fastloop import is_tuned
 from tp3_fastai.features import feature_split
 from tp3_fastai.learners import Learner
 from figures import assert_series
@@ -124,20 +126,22 @@ def _timed_groups(loop, batches, warmup: int, steps: int, groups: int) -> None:
     assert loop.warmup_s + sum(times) <= wall
 
 
-def test_tuned_learner_trains_the_same_and_reads_the_host_less(syn):
-    """tune_learner removes per-batch costs, not maths: the same weights after the same steps; and fastai's
-    smoothed loss read-back (`.cpu()` every batch, a GPU sync) is gone."""
+def test_package_loop_trains_like_fastais_stock_loop_and_reads_the_host_less(syn):
+    """The package's lean loop (on by default) removes per-batch costs, not maths: the same weights, smoothed losses
+    and scheduled hyper-parameters as fastai's stock loop after the same steps; and fastai's per-batch read-back of
+    the smoothed loss (`.cpu()` every batch, a GPU sync) is gone."""
     dls, batches = syn
     package = mode_learner(dls, ARCH, "frozen", 0)
-    tuned = mode_learner(dls, ARCH, "frozen", 0, tuned=True)
-    assert isinstance(tuned, Learner) and type(package) is not type(tuned)
-    for learn in (package, tuned):
+    stock = mode_learner(dls, ARCH, "frozen", 0, stock=True)
+    assert is_tuned(package) and isinstance(package, Learner) and type(stock) is not type(package)
+    for learn in (package, stock):
         torch.manual_seed(0)
         LearnerLoop(learn, CPU).run(BatchLoader(batches, 4), 1, 3, 1)
-    for (n, a), b in zip(package.model.state_dict().items(), tuned.model.state_dict().values()):
-        assert torch.allclose(a, b), n
-    assert len(tuned.recorder.losses) == 4 and all(t.device.type == "cpu" for t in tuned.recorder.losses)
-    assert torch.allclose(torch.stack(package.recorder.losses), torch.stack(tuned.recorder.losses))
+    for (n, a), b in zip(stock.model.state_dict().items(), package.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert len(package.recorder.losses) == 4 and all(t.device.type == "cpu" for t in package.recorder.losses)
+    assert torch.equal(torch.stack(stock.recorder.losses), torch.stack(package.recorder.losses))
+    assert package.recorder.hps == stock.recorder.hps and len(package.recorder.hps["mom"]) == 4
 
     def reads(loop):
         counts = []
@@ -148,18 +152,19 @@ def test_tuned_learner_trains_the_same_and_reads_the_host_less(syn):
         return counts[1] - counts[0]
 
     assert reads(PlainLoop(copy.deepcopy(package.model), CPU, bn_eval=True)) == 0
-    assert reads(LearnerLoop(package, CPU)) >= 1  # AvgSmoothLoss: to_detach(..., cpu=True) every batch
-    assert reads(LearnerLoop(tuned, CPU)) == 0
+    assert reads(LearnerLoop(stock, CPU)) >= 1  # AvgSmoothLoss: to_detach(..., cpu=True) every batch
+    assert reads(LearnerLoop(package, CPU)) == 0
 
 
-def test_tuned_learner_still_exports_and_predicts(tmp_path):
-    """tune_learner changes classes and callbacks of a resnet_learner: export and predict must keep working."""
+def test_package_learner_still_exports_and_predicts(tmp_path):
+    """The lean loop changes classes and callbacks of every resnet_learner: export and predict must keep working."""
     from tp3_fastai.finetune import export_learner, predict, valid_predictions
     from tp3_fastai.image_data import image_dls
     from tp3_fastai.transfer import resnet_learner
 
     dls = image_dls("lfw", size=32, bs=16, aug="default", cache_dir=tmp_path / "cache")
-    learn = tune_learner(resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path))
+    learn = resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path)
+    assert is_tuned(learn) and tune_learner(learn) is learn  # idempotent
     learn.fit_one_cycle(1, 1e-3)
     assert len(learn.recorder.losses) == len(dls.train) and learn.recorder.losses[0].device.type == "cpu"
     probs, targs = valid_predictions(learn)
@@ -220,13 +225,13 @@ def test_quick_smoke_run_writes_consistent_outputs(tmp_path):
         assert o["images_per_s"] > 0 and o["ratio_vs_plain"] > 0
         if o["loop"] == "plain":
             assert o["ratio_vs_plain"] == 1.0 and o["host_reads_per_step"] == 0
-    assert all(o["host_reads_per_step"] == 0 for o in over if o["loop"] == "tuned")
-    assert all(o["host_reads_per_step"] >= 1 for o in over if o["loop"] == "package")
+    assert all(o["host_reads_per_step"] == 0 for o in over if o["loop"] == "package")
+    assert all(o["host_reads_per_step"] >= 1 for o in over if o["loop"] == "stock")
 
     pipe = r["pipeline"]
     assert pipe["loader"]["images_per_s"] > 0 and pipe["loader"]["workers"] == 0
     assert {(p["loop"], p["data"]) for p in pipe["rows"]} == {("plain", "synthetic"), ("plain", "real"),
-                                                              ("package", "real"), ("tuned", "real")}
+                                                              ("package", "real"), ("stock", "real")}
     assert all(p["images_per_s"] > 0 for p in pipe["rows"])
 
     md = (out / "bench.md").read_text()

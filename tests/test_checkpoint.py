@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastai.data.core import DataLoaders
+from fastai.optimizer import Adam as FastaiAdam
+from fastai.optimizer import OptimWrapper
 
-from tp3_fastai.checkpoint import atomic_torch_save, load_checkpoint, save_checkpoint
+from tp3_fastai.checkpoint import atomic_torch_save, load_checkpoint, place_optimizer_state, save_checkpoint
 from tp3_fastai.cli import main as tp3
 from tp3_fastai.curves import read_curves
-from tp3_fastai.data import mnist_dls
+from tp3_fastai.data import TensorLoader, mnist_dls
 from tp3_fastai.learners import mnist_learner
 from tp3_fastai.mnist import train_mnist
+from tp3_fastai.optimizer import TorchOptimizer, default_opt_func
 from conftest import run_then_kill
 from probes import FirstStepState, assert_same_state, installed
 
@@ -32,8 +36,8 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     assert load_checkpoint(other, tmp_path / "last.pth") == 1
     for a, b in zip(learn.model.state_dict().values(), other.model.state_dict().values()):
         assert torch.equal(a, b)
-    for (p, *_), (q, *_) in zip(learn.opt.all_params(), other.opt.all_params()):
-        assert torch.equal(learn.opt.state[p]["grad_avg"], other.opt.state[q]["grad_avg"])
+    for (p, *_), (q, *_) in zip(learn.opt.all_params(), other.opt.all_params()):  # torch AdamW's state
+        assert torch.equal(learn.opt.opt.state[p]["exp_avg"], other.opt.opt.state[q]["exp_avg"])
 
 
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path):
@@ -117,3 +121,82 @@ def test_run_then_kill_times_out_and_reports_a_command_that_ends_first():
     assert time.monotonic() - t < 30  # not the child's 120 s
     with pytest.raises(AssertionError, match=r"ended \(exit code 3\) before printing 'ready'"):
         run_then_kill([sys.executable, "-c", "print('x'); raise SystemExit(3)"], "ready", timeout=60)
+
+
+# ---------------------------------------------------------------- resuming on the training device (issue 16)
+
+def _saved_after_one_epoch(tmp_path: Path, opt_func, device: str = "cpu") -> tuple[Path, int]:
+    dls, _ = mnist_dls(bs=256, device=device)
+    learn = mnist_learner(dls, "mlp", opt_func=opt_func, progress=False, log=None)
+    learn.fit_one_cycle(1, 1e-3)
+    return save_checkpoint(learn, tmp_path / "last.pth", epoch=1), len(dls.train)
+
+
+def _state_tensors(opt) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """(parameter, key, state tensor) of fastai's Optimizer or of the torch optimiser in an OptimWrapper."""
+    state = opt.opt.state if isinstance(opt, OptimWrapper) else opt.state
+    return [(p, k, v) for p, st in state.items() for k, v in st.items() if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("opt", ["package", "fastai"])
+def test_loaded_optimizer_state_follows_the_parameters_to_their_device(tmp_path, opt):
+    """The checkpoint is read with map_location='cpu'; this learner trains on the 'meta' device (on every machine,
+    like a GPU elsewhere): the model goes there, and so does the optimiser state (fastai's Optimizer left it on
+    the CPU, and the first step of a resumed fit on a GPU failed)."""
+    # the package's optimiser as built for 'meta' (foreach: torch has no fused AdamW there), on the CPU to save
+    opt_func = FastaiAdam if opt == "fastai" else default_opt_func("meta")
+    path, _ = _saved_after_one_epoch(tmp_path, opt_func)
+    x, y = torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long)
+    dls = DataLoaders(TensorLoader(x, y, 4, device="meta"), TensorLoader(x, y, 4, device="meta"), device="meta")
+    learn = mnist_learner(dls, "mlp", opt_func=FastaiAdam if opt == "fastai" else None, progress=False, log=None)
+    assert load_checkpoint(learn, path) == 1
+    assert all(p.device.type == "meta" for p in learn.model.parameters())
+    state = _state_tensors(learn.opt)
+    moments = [v for _, k, v in state if k != "step"]
+    assert len(moments) == 2 * len(list(learn.model.parameters()))  # first and second moments of every parameter
+    assert all(v.device.type == "meta" for v in moments)
+    # torch keeps a non-fused optimiser's step counters on the CPU ('meta' has no fused AdamW)
+    assert all(v.device.type == "cpu" for _, k, v in state if k == "step")
+
+
+def test_place_optimizer_state_moves_each_tensor_to_its_parameter_device_and_dtype():
+    w = torch.nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = TorchOptimizer([w, b], lr=1e-3, foreach=True)
+    for p in (w, b):  # state as a map_location='cpu' read leaves it: float32 on the CPU
+        opt.opt.state[p] = dict(step=torch.tensor(5.0), exp_avg=torch.zeros(p.shape), exp_avg_sq=torch.zeros(p.shape))
+    opt.opt.param_groups[1]["fused"] = True  # b's group (no weight decay): a fused group keeps its step on device
+    assert place_optimizer_state(opt) == 2 + 3  # w: two moments cast to float64; b: two moments and its step
+    assert opt.opt.state[w]["exp_avg"].dtype == torch.float64 and opt.opt.state[w]["step"].device.type == "cpu"
+    assert all(v.device.type == "meta" for v in opt.opt.state[b].values())
+    assert opt.opt.state[b]["step"].dtype == torch.float32
+    assert place_optimizer_state(opt) == 0  # already in place
+
+    fastai_opt = FastaiAdam([b], lr=1e-3)
+    fastai_opt.state[b] = dict(grad_avg=torch.zeros(3), sqr_avg=torch.zeros(3), step=4)
+    assert place_optimizer_state(fastai_opt) == 2 and fastai_opt.state[b]["step"] == 4
+    assert all(fastai_opt.state[b][k].device.type == "meta" for k in ("grad_avg", "sqr_avg"))
+
+
+@pytest.mark.parametrize("opt", ["package", "fastai"])
+def test_resumed_fit_runs_on_the_device_and_continues_the_optimizer_state(tmp_path, device, opt):
+    opt_func = FastaiAdam if opt == "fastai" else None
+    path, n = _saved_after_one_epoch(tmp_path, opt_func, device)
+    dls, _ = mnist_dls(bs=256, device=device)
+    learn = mnist_learner(dls, "mlp", opt_func=opt_func, progress=False, log=None)
+    assert load_checkpoint(learn, path) == 1
+    learn.fit_one_cycle(2, 1e-3, start_epoch=1)
+    assert [r["epoch"] for r in learn.curves.history] == [2]
+    state = _state_tensors(learn.opt)
+    assert all(v.device == p.device for p, k, v in state if k != "step")
+    steps = [int(st["step"]) for st in (learn.opt.opt.state if opt == "package" else learn.opt.state).values()]
+    assert steps and set(steps) == {2 * n}  # the loaded epoch's steps and this epoch's: the state was resumed
+
+
+def test_checkpoint_of_another_optimizer_kind_is_refused_with_what_to_do(tmp_path):
+    path, _ = _saved_after_one_epoch(tmp_path, FastaiAdam)
+    dls, _ = mnist_dls(bs=256)
+    learn = mnist_learner(dls, "mlp", progress=False, log=None)
+    with pytest.raises(ValueError, match=r"fastai's Optimizer .* uses AdamW: resume with the optimiser"):
+        load_checkpoint(learn, path)
+    assert path.is_file()

@@ -10,6 +10,7 @@ import torch
 
 from tp3_fastai.curves import COLUMNS, read_curves
 from tp3_fastai.data import mnist_dls
+from tp3_fastai.device import resolve_precision
 from tp3_fastai.learners import mnist_learner
 from tp3_fastai.mnist import train_mnist
 from figures import assert_series
@@ -18,22 +19,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, device):
     out = tmp_path_factory.mktemp("runs") / "mnist"
     lines: list[str] = []
-    summary = train_mnist(epochs=3, out=out, log=lines.append, progress=False)
+    summary = train_mnist(epochs=3, out=out, log=lines.append, progress=False, device=device)
     return Path(summary["run_dir"]), summary, lines
 
 
 def test_short_training_on_real_digits_reaches_measured_accuracy(run):
     _, summary, _ = run
     acc = {m["model"]: m["test_accuracy"] for m in summary["models"]}
-    # measured with 3 epochs, seeds 0/1/42: mlp 0.897-0.900, cnn 0.936-0.954
-    assert acc["mlp"] > 0.85 and acc["cnn"] > 0.90
+    # measured with 3 epochs, seeds 0/1/42, CPU: mlp 0.897-0.900, cnn 0.936-0.954, with fastai's Adam and with the
+    # package's AdamW alike (docs/benchmarks.md); the margins leave room for seed noise and a GPU's bf16
+    assert acc["mlp"] > 0.88 and acc["cnn"] > 0.92
     assert acc["cnn"] > acc["mlp"]
 
 
-def test_run_folder_holds_curves_metrics_and_summary(run):
+def test_run_folder_holds_curves_metrics_and_summary(run, device):
     folder, summary, lines = run
     assert {p.name for p in folder.iterdir()} >= {"config.json", "summary.json", "summary.md", "curves.png",
                                                    "metrics_mlp.csv", "metrics_cnn.csv"}
@@ -45,7 +47,8 @@ def test_run_folder_holds_curves_metrics_and_summary(run):
     assert curves[-1]["valid_loss"] < curves[0]["valid_loss"]
     assert_series(folder / "curves.png", 2)  # the MLP's and the CNN's curves
     s = json.loads((folder / "summary.json").read_text())
-    assert s["precision"] == "fp32" and s["device"] == "cpu" and s["seed"] == 42
+    assert s["precision"] == resolve_precision("auto", torch.device(device)) and s["device"] == device
+    assert s["seed"] == 42
     assert s["split_sizes"] == {"train": 3200, "valid": 800, "test": 1000}
     assert {m["model"]: m["params"] for m in s["models"]} == {"mlp": 39_760, "cnn": 27_830}
     assert set(s["env"]) >= {"torch", "fastai", "timm", "device_name"}

@@ -5,6 +5,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from conftest import needs_kernel
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -12,6 +14,7 @@ def test_there_are_notebooks_to_run():
     assert {p.name[:2] for p in NOTEBOOKS} >= {"01", "03"}
 
 
+@needs_kernel
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes_without_error(path, tmp_path):
     nb = nbformat.read(path, as_version=4)

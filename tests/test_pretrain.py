@@ -197,24 +197,26 @@ def test_finetune_beats_scratch_with_10_labels_per_class(tasks, body):
     # Measured with exactly these settings (test_resnet, 32 px, body 3 epochs with source accuracy 0.970, k=10,
     # 20 epochs, bs 32, lr 2e-3, lr_mult 1, 500 target test digits), seeds 0-7: fine-tune 0.714-0.792 (mean 0.737),
     # scratch 0.550-0.634 (mean 0.592); margins 0.086-0.196, mean 0.145; seeds 0-2: 0.160, 0.138, 0.132.
+    # Again (CPU, issue 16), seeds 0-2: fastai's Adam 0.174, 0.114, 0.144 (body 0.970); the package's AdamW 0.240,
+    # 0.142, 0.122 (body 0.978). Thresholds leave about one seed's spread below the smallest.
     margins = []
     for seed in SEEDS:
         _, ft = LE.target_run(tasks[1], "finetune", K, seed, body[0], ARCH, SIZE, epochs=EPOCHS)
         _, sc = LE.target_run(tasks[1], "scratch", K, seed, body[0], ARCH, SIZE, epochs=EPOCHS)
         margins.append(ft["test_accuracy"] - sc["test_accuracy"])
         assert ft["weights"].startswith("file:") and sc["weights"] == RANDOM_INIT
-    assert min(margins) > 0.04 and sum(margins) / len(margins) > 0.07, margins
+    assert min(margins) > 0.06 and sum(margins) / len(margins) > 0.10, margins
 
 
 def test_frozen_training_leaves_the_body_unchanged(tasks, body):
     learn, r = LE.target_run(tasks[1], "frozen", 5, 0, body[0], ARCH, SIZE, epochs=2)
     saved = load_file(str(body[0]))
-    after = learn.model[0].model.state_dict()
+    after = {k: v.cpu() for k, v in learn.model[0].model.state_dict().items()}  # trained on --device
     assert all(torch.equal(saved[k], after[k]) for k in saved)  # weights and BatchNorm statistics
     assert r["trainable_params"] == sum(p.numel() for p in learn.model[1].parameters())  # the head alone
 
     learn, _ = LE.target_run(tasks[1], "frozen_bn", 5, 0, body[0], ARCH, SIZE, epochs=2)
-    after = learn.model[0].model.state_dict()
+    after = {k: v.cpu() for k, v in learn.model[0].model.state_dict().items()}
     bn = {f"{n}.{p}" for n, m in learn.model[0].model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
           for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     assert all(torch.equal(saved[k], after[k]) for k in saved if k not in bn)  # convolutions untouched

@@ -16,6 +16,7 @@ from fastai.callback.training import ShortEpochCallback
 from torch import nn
 
 from tp3_fastai.data import DownloadError
+from tp3_fastai.device import resolve_precision
 from tp3_fastai.image_data import image_dls
 from tp3_fastai.finetune import finetune_experiment, predict
 from tp3_fastai.models import count_params
@@ -201,7 +202,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, timeout=600)
 
 
-def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_path, capsys):
+def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_path, capsys, device):
     torch.manual_seed(7)
     weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
@@ -228,7 +229,7 @@ def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_pat
                 "device", "precision"} <= r_m.keys()
         with open(out / f"metrics_{m}.csv") as f:
             assert len(list(csv.DictReader(f))) == 2
-    assert s["precision"] == "fp32" and s["env"]["fastai"] and s["env"]["timm"]
+    assert s["precision"] == resolve_precision("auto", torch.device(device)) and s["env"]["fastai"] and s["env"]["timm"]
     best = s["best_mode"]
     assert best in MODES and s["modes"][best]["final_valid_accuracy"] == max(
         r["final_valid_accuracy"] for r in s["modes"].values())

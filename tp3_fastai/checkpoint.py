@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.learner import Learner
+from fastai.optimizer import OptimWrapper
 from fastai.torch_core import get_model
 
 
@@ -49,17 +50,99 @@ def save_checkpoint(learn: Learner, path: str | Path, epoch: int, metric: float 
 
 
 def load_checkpoint(learn: Learner, path: str | Path) -> int:
-    """Restore model and optimizer from `path` (weights_only: no pickled code runs); returns its epoch count."""
+    """Restore model and optimizer from `path` (weights_only: no pickled code runs); returns its epoch count.
+
+    The file is read onto the CPU; the model then goes to the device it trains on (the DataLoaders', where fastai's
+    `fit` would put it) and the optimiser state to the device of the parameter it belongs to (see
+    `place_optimizer_state`): fastai's own Optimizer does not move loaded state, so a resumed fit on a GPU failed
+    at its first step.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: nothing to resume")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    get_model(learn.model).load_state_dict(ck["model"])
+    model = get_model(learn.model)
+    model.load_state_dict(ck["model"])
+    device = getattr(learn.dls, "device", None)
+    if device is not None:
+        model.to(device)
     if ck["opt"] is not None:
         if learn.opt is None:
             learn.create_opt()
+        _check_optimizer_kind(learn.opt, ck["opt"], path)
+        keep = _implementation_flags(learn.opt)
         learn.opt.load_state_dict(ck["opt"])
+        _restore_implementation_flags(learn.opt, keep)
+        place_optimizer_state(learn.opt)
     return int(ck["epoch"])
+
+
+def _check_optimizer_kind(opt: Any, saved: dict, path: Path) -> None:
+    """A clear error when the checkpoint's optimiser state is not of the learner's optimiser's kind."""
+    saved_fastai = "hypers" in saved  # fastai's Optimizer.state_dict: {'state': [...], 'hypers': [...]}
+    if saved_fastai == isinstance(opt, OptimWrapper):
+        what = ("fastai's Optimizer (fastai's Adam: the package's optimiser before torch's AdamW)" if saved_fastai
+                else "a torch optimiser (the package's AdamW)")
+        raise ValueError(f"{path} holds the optimiser state of {what}, but this learner uses "
+                         f"{type(getattr(opt, 'opt', opt)).__name__}: resume with the optimiser the run was "
+                         "started with (opt_func), or start the run again (the checkpoint is left as it is)")
+
+
+def _implementation_flags(opt: Any) -> list[dict[str, Any]]:
+    """The device-dependent implementation flags (fused, foreach, capturable) of a torch optimiser's groups."""
+    if not isinstance(opt, OptimWrapper):
+        return []
+    return [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in opt.opt.param_groups]
+
+
+def _restore_implementation_flags(opt: Any, flags: list[dict[str, Any]]) -> None:
+    """torch's load_state_dict takes these flags from the file: keep those chosen for this learner's device."""
+    if isinstance(opt, OptimWrapper) and len(flags) == len(opt.opt.param_groups):
+        for g, f in zip(opt.opt.param_groups, flags):
+            g.update(f)
+
+
+_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def place_optimizer_state(opt: Any) -> int:
+    """Move every optimiser state tensor to the device of the parameter it belongs to (floating-point state in the
+    parameter's dtype), whatever device it was loaded on; returns how many tensors moved.
+
+    For fastai's Optimizer (whose `load_state_dict` keeps the state where it was read) and for a torch optimiser in
+    an OptimWrapper. torch's step counters follow torch's rule: on the parameter's device for fused or capturable
+    groups, on the CPU otherwise.
+    """
+    if opt is None:
+        return 0
+    moved = 0
+    if isinstance(opt, OptimWrapper):
+        torch_opt = opt.opt
+        for group in torch_opt.param_groups:
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            for p in group["params"]:
+                step = (p.device, torch.float32) if on_device else (torch.device("cpu"), None)
+                moved += _place(torch_opt.state.get(p), p, step)
+    else:
+        for p, state in opt.state.items():
+            moved += _place(state, p)
+    return moved
+
+
+def _place(state: dict | None, p: torch.Tensor, step: tuple | None = None) -> int:
+    """Move the tensors of one parameter's state in place; `step`: (device, dtype) for torch's 'step' counter."""
+    moved = 0
+    for k, v in (state or {}).items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if k == "step" and step is not None:
+            new = v.to(device=step[0], dtype=step[1] or v.dtype)
+        else:
+            new = v.to(device=p.device, dtype=p.dtype if v.is_floating_point() and p.is_floating_point() else v.dtype)
+        if new is not v:
+            state[k] = new
+            moved += 1
+    return moved
 
 
 class CheckpointCallback(Callback):

@@ -151,7 +151,7 @@ def finetune(
     freeze_epochs: int = 1,  # finetune: epochs on the head alone before unfreezing
     train_bn: bool = True,  # freeze BatchNorm with the body (fastai trains it by default: the backward pass then runs through the whole body)
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (fp16/bf16 need CUDA)
-    channels_last: bool = False,  # channels_last memory format (helps tensor cores on CUDA)
+    memory_format: str = "auto",  # auto (channels_last on CUDA, contiguous on a CPU), channels_last or contiguous
     aug: str = "default",  # none, default, noflip, or e.g. 'flip=0,rot=10,zoom=1.1,light=0.2,crop=0.35'
     seed: int = 42,  # random seed (same head init and batch order for every mode)
     device: str = "auto",  # auto, cpu, cuda or cuda:N
@@ -163,17 +163,19 @@ def finetune(
     pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
+    from .device import parse_memory_format
     from .finetune import finetune_experiment
 
-    def checked(pretrained, weights, modes, **kwargs):
+    def checked(pretrained, weights, modes, memory_format, **kwargs):
         if pretrained and weights:
             raise ValueError("give either --pretrained (hub weights) or --weights PATH (a local file), not both")
-        return finetune_experiment(pretrained=weights or pretrained, modes=split_list(modes), **kwargs)
+        return finetune_experiment(pretrained=weights or pretrained, modes=split_list(modes),
+                                   channels_last=parse_memory_format(memory_format), **kwargs)
 
     # Ctrl-C: finetune_experiment has said where the checkpoints are and how to resume; run_guarded exits 130
     run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
                 weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
-                channels_last=channels_last, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
+                memory_format=memory_format, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
                 cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror), pipeline=pipeline)
 
 

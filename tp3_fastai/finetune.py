@@ -17,13 +17,14 @@ from fastai.torch_core import set_seed
 
 from .checkpoint import CheckpointCallback, load_checkpoint
 from .curves import CurvesCallback, plot_curves, read_curves
-from .device import env_info, pick_device, resolve_precision
+from .device import env_info, pick_device, resolve_channels_last, resolve_precision
 from .distributed import (LaunchConfig, as_single_process, backend_for, broadcast_object, digest,
                           distributed_context, gather_object, join_launch, main_only, rank)
 from .experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
                          resume_unit)
 from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, parse_aug, plot_image_grid,
                          reseed, show_batch_png)
+from .optimizer import OPTIMIZER_NAME
 from .pipeline import check_pipeline
 from .runs import markdown_table, pyplot, read_json, save_figure, write_json
 from .transfer import MODES, check_image_size, check_plan, resnet_learner, set_mode, train_mode
@@ -184,7 +185,7 @@ class FinetunePlan:
     train_bn: bool
     aug: str
     seed: int
-    channels_last: bool
+    channels_last: bool | None  # None: on CUDA only (device.resolve_channels_last)
     weights: str = RANDOM_INIT
     weights_info: dict | None = None
     normalize: dict = field(default_factory=dict)
@@ -204,7 +205,7 @@ class FinetunePlan:
 
 def plan_finetune(data: str | Path, arch: str, size: int | None, bs: int, epochs: int, modes: Sequence[str],
                   pretrained: WeightsArg, lr: float, freeze_epochs: int, train_bn: bool, aug: str, seed: int,
-                  channels_last: bool, resume: str | Path | None = None) -> FinetunePlan:
+                  channels_last: bool | None, resume: str | Path | None = None) -> FinetunePlan:
     """Check every argument before any work: a resumed run's folder and saved arguments, the modes and schedule,
     the architecture and image size, and a weights file (read with weights_only into a fresh body of `arch`)."""
     args = dict(data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained, lr=lr,
@@ -250,7 +251,7 @@ def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
 def start_run(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, mirror: str | None, t0: float) -> dict:
     """config.json (a new run), show_batch.png and the log's account of the data; returns the config."""
     config = dict(plan.config(), device=str(ctx.dev), precision=ctx.precision,
-                  optimizer="fastai Adam (wd 0.01 decoupled)", world_size=ctx.world, mirror=mirror,
+                  optimizer=OPTIMIZER_NAME, world_size=ctx.world, mirror=mirror,
                   pipeline=dls.info.pipeline_info.get("asked"), pipeline_ran=dls.info.pipeline, env=env_info(ctx.dev))
     if ctx.world > 1:
         config.update(bs_per_process=plan.bs // ctx.world, backend=backend_for(ctx.dev))
@@ -408,7 +409,7 @@ def write_finetune_summary(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders
 def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: int | None = None, bs: int = 32,
                         epochs: int = 5, modes: Sequence[str] = MODES, pretrained: WeightsArg = False,
                         lr: float = 2e-3, freeze_epochs: int = 1, train_bn: bool = True, precision: str = "auto",
-                        channels_last: bool = False, aug: str = "default", seed: int = 42, device: str = "auto",
+                        channels_last: bool | None = None, aug: str = "default", seed: int = 42, device: str = "auto",
                         out: str | Path = "runs/finetune", overwrite: bool = False,
                         cache_dir: str | Path = DEFAULT_CACHE, progress: bool | None = None,
                         resume: str | Path | None = None, log: Callable[[str], None] = print,
@@ -442,6 +443,7 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
     check_pipeline(pipeline)
     dev, main, world = join_launch(plan.bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
+    plan.channels_last = resolve_channels_last(plan.channels_last, dev)  # None: on CUDA
     log = main_only(log)
     t0 = time.perf_counter()
     dls = finetune_data(plan, dev, main, world, cache_dir, mirror, log, pipeline)

@@ -21,6 +21,7 @@ from .curves import plot_curves
 from .device import env_info, pick_device, resolve_precision
 from .image_data import plot_image_grid
 from .models import check_name
+from .optimizer import OPTIMIZER_NAME
 from .pretrain import BODY_CACHE, DEFAULT_ARCH, describe_body, pretrained_body
 from .runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 from .tasks import SourceTask, TargetTask, load_tasks, prepare, tensor_dls
@@ -293,7 +294,7 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
                   pretrain_lr=pretrain_lr, pretrain_bs=pretrain_bs, pretrain_seed=pretrain_seed,
                   source=src.description, target=tgt.description, source_sizes=src.sizes(),
                   target_sizes=tgt.sizes(), weights=str(weights), normalize=dict(mean=mean, std=std),
-                  device=str(dev), precision=prec, optimizer="fastai Adam (wd 0.01 decoupled)",
+                  device=str(dev), precision=prec, optimizer=OPTIMIZER_NAME,
                   mode_settings={m: dict(zip(("train_mode", "train_bn"), MODE_SETTINGS[m])) for m in modes},
                   load_average=_load(), env=env)
     write_json(run / "config.json", config)
@@ -346,7 +347,7 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
              f"Test accuracy on {len(tgt.y_test):,} unseen target images (mean ± std over seeds {seeds}, n runs).",
              "", table, "",
              f"Weights: {describe_body(body_info) if body_info else weights}.", "",
-             f"Every mode: {epochs} epochs, batch {bs}, lr {lr:g}, fastai Adam, the same inputs (normalised with "
+             f"Every mode: {epochs} epochs, batch {bs}, lr {lr:g}, torch AdamW, the same inputs (normalised with "
              f"mean {mean:.4g}, std {std:.4g}); finetune = fine_tune(lr_mult={lr_mult:g}); BatchNorm statistics "
              + ("recalibrated on the training images before testing." if recalibrate else "as training left them."),
              "",

@@ -18,6 +18,7 @@ from .experiment import (RunContext, distributed_summary, launch_note, on_rank_z
                          resume_unit)
 from .learners import mnist_learner
 from .models import MODELS, check_name, count_params
+from .optimizer import OPTIMIZER_NAME
 from .runs import markdown_table, write_json
 
 SUMMARY_COLUMNS = ("model", "params", "epochs", "sec_per_epoch", "valid_accuracy", "test_accuracy")
@@ -66,7 +67,7 @@ def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "c
     dls, test_dl = mnist_data(source, seed, bs, dev, cache_dir, mirror, main, log)
     ctx = RunContext(open_run(out, overwrite, resume, main), dev, prec, main, world, progress, log)
     config = dict(source=str(source), archs=archs, epochs=epochs, bs=bs, lr=lr, seed=seed, device=str(dev),
-                  precision=prec, optimizer="fastai Adam (wd 0.01 decoupled)", schedule="fit_one_cycle",
+                  precision=prec, optimizer=OPTIMIZER_NAME, schedule="fit_one_cycle",
                   world_size=world, env=env_info(dev), data=dls.splits.source, mirror=mirror)
     if world > 1:
         config.update(bs_per_process=bs // world)

@@ -17,6 +17,7 @@ from fastai.torch_core import set_seed
 
 from .device import env_info, pick_device, resolve_precision
 from .image_data import DEFAULT_CACHE
+from .optimizer import OPTIMIZER_NAME
 from .runs import read_json, write_json
 from .tasks import SourceTask, load_tasks, prepare, tensor_dls
 from .transfer import check_arch, resnet_learner
@@ -26,7 +27,7 @@ BODY_CACHE = DEFAULT_CACHE / "bodies"
 # Measured here at k=10 labels per class (3-5 seeds, 20 epochs): resnet10t's body reached source accuracy 0.986
 # and fine-tune 0.830 vs scratch 0.685; resnet18's 0.982 and 0.784 vs 0.61, at about twice the time per step.
 DEFAULT_ARCH = "resnet10t"
-RECIPE = 1  # part of every cache key: bump it when the pretraining code changes what a configuration produces
+RECIPE = 2  # part of every cache key: bump it when the pretraining code changes what a configuration produces
 SIDECAR_KEYS = ("format", "arch", "n_in", "size", "input_size", "normalize", "source", "epochs", "lr", "bs",
                 "seed", "optimizer", "schedule", "source_accuracy", "source_loss", "seconds", "device", "precision",
                 "env", "sha256", "config", "key", "params", "created")
@@ -140,7 +141,7 @@ def pretrain_body(source: SourceTask, path: str | Path, arch: str = DEFAULT_ARCH
         normalize=dict(mean=[source.mean] * n_in, std=[source.std] * n_in, scale="pixels / 255"),
         source=dict(task=source.description, classes=list(source.classes), n_train=len(source.y_train),
                     n_test=len(source.y_test), data_sha256=config["source_data_sha256"]),
-        epochs=epochs, lr=lr, bs=bs, seed=seed, optimizer="fastai Adam (wd 0.01 decoupled)",
+        epochs=epochs, lr=lr, bs=bs, seed=seed, optimizer=OPTIMIZER_NAME,
         schedule="fit_one_cycle", source_accuracy=float(acc), source_loss=float(loss), seconds=seconds,
         device=str(dev), precision=prec, env=env_info(dev), config=config, key=body_key(config),
         params=sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var",

@@ -20,6 +20,7 @@ from torch import nn
 
 from .learners import setup_learner
 from .models import check_name, count_params
+from .optimizer import default_opt_func
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
 from .weights import check_normalization
 
@@ -106,7 +107,7 @@ def check_image_size(model: nn.Module | str, size: int, n_in: int = 3) -> None:
 
 
 def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: WeightsArg = False, n_in: int = 3,
-                   precision: str = "fp32", channels_last: bool = False, train_bn: bool = True,
+                   precision: str = "fp32", channels_last: bool | None = None, train_bn: bool = True,
                    csv_path: str | Path | None = None, progress: bool | None = None,
                    log: Callable[[str], None] | None = print, path: str | Path = ".", lr: float = 2e-3,
                    name: str = "", size: int | None = None) -> Learner:
@@ -118,6 +119,7 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     Normalize in them must use the pretrained configuration's statistics (weights.normalization). The learner records
     `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). With
     `size` (the DataLoaders' image side) the body is checked to accept it (check_image_size) before anything trains.
+    Optimiser: optimizer.default_opt_func; `channels_last` None: on CUDA (device.resolve_channels_last).
     """
     check_arch(arch)
     if lr <= 0:
@@ -130,7 +132,8 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
         hub_sd, hub_id = hub_state_dict(arch, n_in)
         weights = f"timm hub: {hub_id}"
     learn = vision_learner(dls, arch, normalize=False, pretrained=False, n_in=n_in, loss_func=CrossEntropyLossFlat(),
-                           metrics=accuracy, lr=lr, path=path, train_bn=train_bn)
+                           metrics=accuracy, lr=lr, path=path, train_bn=train_bn,
+                           opt_func=default_opt_func(dls.device))
     if size is not None:
         check_image_size(learn.model[0], size, n_in)
     body = learn.model[0].model

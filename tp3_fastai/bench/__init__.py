@@ -2,14 +2,14 @@
 PyTorch loop; what each training mode (unfrozen, frozen, precomputed features) costs with each speed lever.
 
 Modules: ``timing`` (timings, spread and device helpers), ``loops`` (loaders, the plain and fastai training loops,
-``tune_learner``, host-read counting), ``mnist`` (the MNIST loop benchmark), ``modes`` (training modes x speed
-levers: building and measuring each mode, loop overhead, input pipeline), ``freeze`` (the whole training-modes
-benchmark and its run folder) and ``report`` (its Markdown report and chart).
+host-read counting; the lean loop is ``tp3_fastai.fastloop``), ``mnist`` (the MNIST loop benchmark), ``modes``
+(training modes x speed levers: building and measuring each mode, loop overhead, input pipeline), ``freeze`` (the
+whole training-modes benchmark and its run folder) and ``report`` (its Markdown report and chart).
 """
 from .freeze import CPU_MEMORY_NOTE, PRESETS, bench_training_modes, jpeg_folder, resolve_config
 from .loops import (BatchLoader, DeviceSmoothLoss, FastLearner, GroupTimer, HostLosses, HostReadCounter,
                     LeanRecorder, LearnerLoop, PlainLoop, PlainTensors, QuietMixedPrecision, StreamLoader,
-                    cycle_loader, host_reads_per_step, synthetic_batches, tune_learner)
+                    cycle_loader, host_reads_per_step, synthetic_batches, tune_learner, untune_learner)
 from .mnist import bench_mnist_loop, plain_epoch
 from .modes import (FREEZE_MODES, LEVER_PRECISIONS, LOOP_LABELS, LOOPS, MEMORY_FORMATS, MODE_LABELS,
                     bench_loaders, bench_overhead, bench_pipeline, lever_skip_reason, measure_cell, mode_learner,
@@ -25,7 +25,7 @@ __all__ = [
     # loops
     "BatchLoader", "StreamLoader", "cycle_loader", "synthetic_batches", "PlainLoop", "GroupTimer", "LearnerLoop",
     "DeviceSmoothLoss", "HostLosses", "PlainTensors", "LeanRecorder", "QuietMixedPrecision", "FastLearner",
-    "tune_learner", "HostReadCounter", "host_reads_per_step",
+    "tune_learner", "untune_learner", "HostReadCounter", "host_reads_per_step",
     # mnist
     "plain_epoch", "bench_mnist_loop",
     # modes

@@ -1,6 +1,6 @@
 """Loaders and training loops the benchmarks time: fixed or streamed batches, the plain PyTorch loop, the package's
-fastai Learner timed the same way, `tune_learner` (the fastai loop without its avoidable per-batch costs) and a
-counter of host reads per step."""
+fastai Learner timed the same way (its lean loop: tp3_fastai.fastloop, on by default; `untune_learner` gives
+fastai's stock loop for comparison) and a counter of host reads per step."""
 from __future__ import annotations
 
 import math
@@ -10,15 +10,15 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback, CancelStepException, event
-from fastai.callback.fp16 import MixedPrecision
-from fastai.learner import AvgSmoothLoss, Recorder
-from fastai.optimizer import OptimWrapper
+from fastai.callback.core import Callback
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..device import autocast, synchronize
+from ..fastloop import (DeviceSmoothLoss, HostLosses, LeanRecorder, PlainTensors, QuietMixedPrecision,  # noqa: F401
+                        tune_learner, untune_learner)
 from ..learners import Learner as PackageLearner
+from ..optimizer import default_opt_func
 
 
 class BatchLoader:
@@ -93,8 +93,10 @@ def _group_times(marks: list[float]) -> list[float]:
 
 
 class PlainLoop:
-    """The textbook PyTorch training step (autocast + GradScaler, torch.optim.Adam, OneCycleLR) on a given model;
-    `run` times groups of `steps` steps after `warmup` untimed ones, synchronising only at group edges."""
+    """The textbook PyTorch training step (autocast + GradScaler when fp16, OneCycleLR) on a given model, with the
+    package's optimiser as a bare torch optimiser (AdamW, the same parameter groups and implementation as
+    optimizer.default_opt_func); `run` times groups of `steps` steps after `warmup` untimed ones, synchronising
+    only at group edges."""
     name = "plain"
 
     def __init__(self, model: nn.Module, device: torch.device, precision: str = "fp32", lr: float = 1e-3,
@@ -102,7 +104,7 @@ class PlainLoop:
         self.model, self.device, self.precision, self.lr = model.to(device), device, precision, lr
         self.bn_eval = bn_eval
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.opt = default_opt_func(device)(self.params, lr=lr).opt
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.forward = torch.compile(model) if compiled else model
         self.warmup_s = math.nan
@@ -181,124 +183,9 @@ class LearnerLoop:
         return _group_times(timer.marks)
 
 
-# --- making the package's fastai loop cheap -------------------------------------------------------------------
+# --- the package's lean fastai loop (tp3_fastai.fastloop), re-exported for the benchmarks ------------------------
 
-class DeviceSmoothLoss(AvgSmoothLoss):
-    """fastai's smoothed training loss kept on the loss's device: fastai's AvgSmoothLoss moves every batch's loss
-    to the CPU (`to_detach(..., cpu=True)`), a host synchronisation per batch on a GPU."""
-
-    def accumulate(self, learn) -> None:
-        self.count += 1
-        loss = learn.loss.detach().mean().float()
-        if self.val.device != loss.device:
-            self.val = self.val.to(loss.device)
-        self.val = torch.lerp(loss, self.val, self.beta)
-
-
-class HostLosses(Callback):
-    """After fitting, the Recorder's smoothed losses as CPU tensors again (one transfer for the whole fit)."""
-    order = 51  # after Recorder
-
-    def after_fit(self) -> None:
-        rec = getattr(self.learn, "recorder", None)
-        if rec is not None and rec.losses and isinstance(rec.losses[0], torch.Tensor):
-            rec.losses = list(torch.stack([t.float() for t in rec.losses]).cpu().unbind())
-
-
-class PlainTensors(Callback):
-    """Strip fastai's tensor subclasses from each batch (TensorImage, TensorCategory) and from the loss (fastai's
-    loss wrappers return a TensorBase): every op on a subclass, the backward pass included, goes through fastai's
-    `__torch_function__`. Left alone in `get_preds`, whose decoding needs the types."""
-    order = -5
-
-    def before_batch(self) -> None:
-        if hasattr(self.learn, "gather_preds"):
-            return
-        self.learn.xb = tuple(x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) else x for x in self.xb)
-        self.learn.yb = tuple(y.as_subclass(torch.Tensor) if isinstance(y, torch.Tensor) else y for y in self.yb)
-
-    def after_loss(self) -> None:
-        if hasattr(self.learn, "gather_preds") or not isinstance(self.learn.loss_grad, torch.Tensor):
-            return
-        self.learn.loss_grad = self.learn.loss_grad.as_subclass(torch.Tensor)
-        self.learn.loss = self.learn.loss.as_subclass(torch.Tensor)
-
-
-class LeanRecorder(Recorder):
-    """fastai's Recorder reading the learning rate from the optimiser's last parameter group directly (fastai's
-    `opt.hypers` rebuilds every group's hyper-parameters each batch when the optimiser is an OptimWrapper)."""
-
-    def after_batch(self) -> None:
-        if len(self.yb) == 0:
-            return
-        mets = self._train_mets if self.training else self._valid_mets
-        for met in mets:
-            met.accumulate(self.learn)
-        if not self.training:
-            return
-        opt = self.opt
-        self.lrs.append(opt.opt.param_groups[-1]["lr"] if isinstance(opt, OptimWrapper) else opt.hypers[-1]["lr"])
-        self.losses.append(self.smooth_loss.value)
-        self.learn.smooth_loss = self.smooth_loss.value
-
-
-class QuietMixedPrecision(MixedPrecision):
-    """fastai's MixedPrecision without `scaler.get_scale()` each step (one more host sync per step on CUDA than
-    the plain AMP loop, where GradScaler.step's own overflow check is the only one)."""
-
-    def before_step(self) -> None:
-        self.skipped = True
-        self.scaler.step(self)
-        if self.skipped:
-            raise CancelStepException()
-
-
-def _cb_order(cb) -> float:
-    return cb.order
-
-
-class FastLearner(PackageLearner):
-    """The package's Learner with cheaper event dispatch: no fastcore `L` built for every event and callbacks sorted
-    with the built-in `sorted` (fastai builds an `L` and sorts the callbacks through fastcore for every event,
-    eight or more events a batch)."""
-
-    def __call__(self, event_name) -> None:
-        if isinstance(event_name, str):
-            self._call_one(event_name)
-        else:
-            for e in event_name:
-                self._call_one(e)
-
-    def _call_one(self, event_name: str) -> None:
-        if not hasattr(event, event_name):
-            raise ValueError(f"unknown training-loop event {event_name!r}")
-        for cb in sorted(self.cbs, key=_cb_order):
-            if event_name == "after_fit" or event_name in cb.__dict__ or hasattr(type(cb), event_name):
-                cb(event_name)
-
-
-def tune_learner(learn):
-    """Remove the fastai loop's avoidable per-batch costs, in place: FastLearner (the package's Learner, whose
-    events go only to callbacks that handle them, with cheaper dispatch); the smoothed loss kept on the device and
-    the learning rate read directly (DeviceSmoothLoss, LeanRecorder): no host sync per batch; no loss-scale
-    read-back in mixed precision (QuietMixedPrecision); plain tensors into the model and out of the loss
-    (PlainTensors). Training maths is unchanged."""
-    if not isinstance(learn, FastLearner):
-        learn.__class__ = FastLearner  # vision_learner builds fastai's own Learner class
-    rec = getattr(learn, "recorder", None)
-    if rec is not None and not isinstance(rec.smooth_loss, DeviceSmoothLoss):
-        rec.smooth_loss = DeviceSmoothLoss(beta=rec.smooth_loss.beta)
-        if type(rec) is Recorder:
-            object.__setattr__(rec, "__class__", LeanRecorder)  # Callback.__setattr__ warns about learner names
-        learn.add_cb(HostLosses())
-    for mp in [cb for cb in learn.cbs if type(cb) is MixedPrecision]:
-        kwargs = {k: v for k, v in mp.kwargs.items() if k != "enabled"}
-        learn.remove_cb(mp)
-        learn.add_cb(QuietMixedPrecision(amp_mode=mp.amp_mode, **kwargs))
-    if not any(isinstance(cb, PlainTensors) for cb in learn.cbs):
-        learn.add_cb(PlainTensors())
-    learn.tuned = True
-    return learn
+FastLearner = PackageLearner  # the package's Learner class: events only to the callbacks that handle them
 
 
 class HostReadCounter(TorchFunctionMode):

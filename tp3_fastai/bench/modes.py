@@ -6,19 +6,18 @@ from __future__ import annotations
 import copy
 import math
 import time
-from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
 
 from ..data import TensorLoader
 from ..device import synchronize
 from ..models import check_name, count_params
+from ..optimizer import default_opt_func
 from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
-                    synthetic_batches, tune_learner)
+                    synthetic_batches, untune_learner)
 from .timing import (_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
                      timed)
 
@@ -31,12 +30,15 @@ MODE_LABELS = {
 }
 LEVER_PRECISIONS = ("fp32", "fp16", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
-LOOPS = ("plain", "package", "tuned", "package_fastai_adam")
+LOOPS = ("plain", "package", "stock", "package_fastai_adam")
 LOOP_LABELS = {
-    "plain": "plain PyTorch loop (torch.optim.Adam, OneCycleLR)",
-    "package": "package Learner as built by resnet_learner / train_head_on_features (optimiser: torch.optim.Adam)",
-    "tuned": "package Learner + tune_learner (event dispatch, no per-batch host syncs, plain tensors)",
-    "package_fastai_adam": "package Learner with fastai's own Adam (resnet_learner's default; not the same optimiser)",
+    "plain": "plain PyTorch loop (the package's AdamW as a bare torch optimiser, OneCycleLR)",
+    "package": "package Learner as built by resnet_learner / train_head_on_features (its default optimiser, torch "
+               "AdamW, and lean loop: no per-batch host reads, events only to their callbacks, plain tensors)",
+    "stock": "the same Learner with fastai's stock loop (untune_learner: fastai's Learner class, Recorder, "
+             "MixedPrecision and tensor subclasses; what the package ran before)",
+    "package_fastai_adam": "package Learner with fastai's own Adam (the package's default before; not the same "
+                           "optimiser)",
 }
 
 
@@ -61,11 +63,11 @@ def _mode_args(mode: str) -> tuple[str, bool]:
             "precomputed": ("frozen", False)}[mode]
 
 
-def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "torch",
-                 lr: float = 1e-3, tuned: bool = False):
+def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "package",
+                 lr: float = 1e-3, stock: bool = False, channels_last: bool | None = None):
     """A learner built by transfer.resnet_learner (random init, same seed: same weights in every mode) and put in
-    `mode` by transfer.set_mode. `opt`: 'torch' (torch.optim.Adam through OptimWrapper, as the plain loop) or
-    'fastai' (fastai's Adam, resnet_learner's default)."""
+    `mode` by transfer.set_mode. `opt`: 'package' (resnet_learner's default, torch AdamW: the plain loop's
+    optimiser) or 'fastai' (fastai's Adam). `stock`: fastai's stock loop instead of the package's lean one."""
     from fastai.optimizer import Adam as FastaiAdam
 
     from ..transfer import resnet_learner, set_mode
@@ -74,11 +76,13 @@ def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", 
     fastai_mode, train_bn = _mode_args(mode)
     set_seed(seed)
     learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=train_bn, progress=False,
-                           log=None, lr=lr, name=mode)
-    learn.opt_func = partial(OptimWrapper, opt=torch.optim.Adam) if opt == "torch" else FastaiAdam
+                           log=None, lr=lr, name=mode, channels_last=channels_last)
+    check_name(opt, ["package", "fastai"], "benchmark optimiser")
+    if opt == "fastai":
+        learn.opt_func = FastaiAdam
     set_mode(learn, fastai_mode, train_bn)
     learn.bench_mode = mode
-    return tune_learner(learn) if tuned else learn
+    return untune_learner(learn) if stock else learn
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -164,12 +168,13 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                    warmup: int, steps: int, repeats: int, bs: int, lr: float, count_reads: bool = True,
                    loops: Sequence[str] = LOOPS, log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """The package's fastai loop against the plain PyTorch loop: same model and initial weights, optimiser
-    (torch.optim.Adam, except 'package_fastai_adam'), one-cycle schedule, data (synthetic on-device batches, or
-    their precomputed features) and precision. Ratio = median step time / the plain loop's."""
-    from fastai.losses import CrossEntropyLossFlat
+    (the package's AdamW, except 'package_fastai_adam'), one-cycle schedule, data (synthetic on-device batches, or
+    their precomputed features) and precision; 'stock' is fastai's stock loop. Ratio = median step time / the
+    plain loop's."""
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam as FastaiAdam
 
+    from ..fastloop import CrossEntropyLossFlat
     from ..features import feature_learner, feature_split, precompute_features
 
     rows = []
@@ -184,18 +189,18 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                 idx = torch.arange(k * bs, device=dev) % len(labels)
                 return TensorLoader(feats[idx], labels[idx], bs, shuffle=True, drop_last=True, device=dev)
 
-            def head_learner(opt_func, tuned=False):
+            def head_learner(opt_func, stock=False):
                 set_seed(seed)
                 learn = feature_learner(copy.deepcopy(head), dls, CrossEntropyLossFlat(), opt_func, lr,
                                         metrics=accuracy, precision=precision)
-                return tune_learner(learn) if tuned else learn
+                return untune_learner(learn) if stock else learn
 
             for name in loops:
                 if name == "plain":
                     built[name] = PlainLoop(copy.deepcopy(head), dev, precision, lr)
                 else:
-                    opt = FastaiAdam if name == "package_fastai_adam" else partial(OptimWrapper, opt=torch.optim.Adam)
-                    built[name] = LearnerLoop(head_learner(opt, name == "tuned"), dev, lr, name)
+                    opt = FastaiAdam if name == "package_fastai_adam" else default_opt_func(dev)
+                    built[name] = LearnerLoop(head_learner(opt, name == "stock"), dev, lr, name)
         else:
             def make_loader(k: int):
                 return BatchLoader(batches, k)
@@ -206,8 +211,8 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                     built[name] = PlainLoop(model, dev, precision, lr, bn_eval=mode == "frozen")
                 else:
                     learn = mode_learner(dls, arch, mode, seed, precision,
-                                         opt="fastai" if name == "package_fastai_adam" else "torch",
-                                         lr=lr, tuned=name == "tuned")
+                                         opt="fastai" if name == "package_fastai_adam" else "package",
+                                         lr=lr, stock=name == "stock")
                     built[name] = LearnerLoop(learn, dev, lr, name)
         times = _alternate(built, make_loader, warmup, steps, repeats)
         reads = {k: host_reads_per_step(v, make_loader) if count_reads else None for k, v in built.items()}
@@ -264,11 +269,9 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
                    log: Callable[[str], None] | None = print, channels_last: bool | None = None) -> dict[str, Any]:
     """Synthetic on-device batches against each input pipeline of `pipe_dls` ({name: DataLoaders}, e.g. pil,
     device, cached: see tp3_fastai.pipeline) on the same image folder: each loader alone, then training steps of
-    the plain loop on synthetic batches and, per pipeline, of the plain loop, the package's Learner and the tuned
-    Learner on real batches; loops and pipelines alternate round by round. Models train as the practical would on
+    the plain loop on synthetic batches and, per pipeline, of the plain loop, the package's Learner and the same
+    Learner on fastai's stock loop on real batches; loops and pipelines alternate round by round. Models train as the practical would on
     the device: `channels_last` defaults to True on CUDA (with AMP `precision`), False on a CPU."""
-    from fastai.callback.channelslast import ChannelsLast
-
     cl = dev.type == "cuda" if channels_last is None else channels_last
     loaders, streams = bench_loaders(pipe_dls, dev, warmup, steps, repeats, bs, log)
     first_dls = next(iter(pipe_dls.values()))
@@ -278,9 +281,8 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
         m = mode_learner(dls, arch, mode, seed, precision).model
         return m.to(memory_format=torch.channels_last) if cl else m
 
-    def learner(mode, tuned=False):
-        learn = mode_learner(first_dls, arch, mode, seed, precision, lr=lr, tuned=tuned)
-        return learn.add_cb(ChannelsLast()) if cl else learn
+    def learner(mode, stock=False):
+        return mode_learner(first_dls, arch, mode, seed, precision, lr=lr, stock=stock, channels_last=cl)
 
     rows = []
     for mode in modes:
@@ -289,7 +291,7 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
         loops = {
             "plain": PlainLoop(model(first_dls, mode), dev, precision, lr, bn_eval=bn_eval),
             "package": LearnerLoop(learner(mode), dev, lr),
-            "tuned": LearnerLoop(learner(mode, tuned=True), dev, lr, "tuned"),
+            "stock": LearnerLoop(learner(mode, stock=True), dev, lr, "stock"),
         }
         syn_loop = PlainLoop(model(syn_dls, mode), dev, precision, lr, bn_eval=bn_eval)
         cells = [("plain", "synthetic", None)] + [(lp, "real", p) for p in pipe_dls for lp in loops]
