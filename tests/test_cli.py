@@ -169,7 +169,7 @@ def test_label_efficiency_takes_its_options(tmp_path, capsys):
         p.name for p in out.iterdir()}
 
 
-# ---------------------------------------------------------------- rf, overwrite, finetune --channels-last
+# ---------------------------------------------------------------- rf, overwrite, finetune --memory-format
 def test_rf_exits_1_when_a_field_disagrees_with_its_measurement(tmp_path, monkeypatch, capsys):
     from tp3_fastai.receptive_field import run as rf_run
 
@@ -201,11 +201,11 @@ def test_overwrite_replaces_the_run_folder_instead_of_making_a_new_one(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rf", "rf-2"]
 
 
-def test_finetune_channels_last_trains_in_that_memory_format(cache, tmp_path):
+def test_finetune_memory_format_channels_last_trains_in_that_memory_format(cache, tmp_path):
     out = tmp_path / "run"
     with installed(FirstStepState) as records:
         tp3(["finetune", "--arch", "test_resnet", "--size", "32", "--bs", "32", "--epochs", "1", "--modes", "scratch",
-             "--aug", "none", "--channels-last", "--device", "cpu", "--cache-dir", str(cache), "--out", str(out)])
+             "--aug", "none", "--memory-format", "channels_last", "--device", "cpu", "--cache-dir", str(cache), "--out", str(out)])
     config = json.loads((out / "config.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     assert config["channels_last"] is True and summary["channels_last"] is True
