@@ -11,6 +11,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai import learner as fastai_learner
 from fastai.callback.core import event
+from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam
 from fastcore.basics import noop
@@ -69,11 +70,12 @@ def setup_learner(learn: Learner, precision: str = "fp32", csv_path: str | Path 
 def mnist_learner(dls: DataLoaders, arch: str | nn.Module = "cnn", lr: float = 1e-3, precision: str = "fp32",
                   csv_path: str | Path | None = None, opt_func: Callable = Adam, progress: bool | None = None,
                   log: Callable[[str], None] | None = print, path: str | Path = ".") -> Learner:
-    """A Learner (plain cross-entropy, accuracy, fastai's Adam by default) for an MNIST model, recording curves."""
+    """A Learner (cross-entropy, accuracy, fastai's Adam by default) for an MNIST model, recording curves."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
     model = create_model(arch) if isinstance(arch, str) else arch
-    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, lr=lr, metrics=accuracy,
+    # fastai's flat cross-entropy: the same loss, plus the softmax and argmax that predict and get_preds apply
+    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), opt_func=opt_func, lr=lr, metrics=accuracy,
                     path=path)
     return setup_learner(learn, precision, csv_path, name=arch if isinstance(arch, str) else "",
                          progress=progress, log=log)
