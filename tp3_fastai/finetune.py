@@ -15,13 +15,14 @@ import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
+from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import CheckpointCallback, load_checkpoint, truncate_csv
 from .curves import CurvesCallback, plot_curves, read_curves
 from .device import env_info, pick_device, resolve_precision
 from .distributed import (LaunchConfig, as_single_process, backend_for, barrier, broadcast_object, digest,
                           distributed_context, gather_object, join_launch, main_only, rank)
-from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, plot_image_grid, reseed,
+from .image_data import (DEFAULT_CACHE, image_dls, image_source, info_dict, plot_image_grid, reseed,
                          show_batch_png)
 from .runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 from .transfer import MODES, check_image_size, check_plan, resnet_learner, set_mode, train_mode
@@ -132,19 +133,22 @@ def load_model(model_path: str | Path) -> Learner:
 
 
 def predict(model: str | Path | Learner, image_path: str | Path) -> tuple[str, float]:
-    """(label, probability) of an image file by an exported model (a path, see load_model) or a loaded Learner."""
+    """(label, probability) of an image file by an exported model (a path, see load_model) or a loaded Learner.
+
+    fastai's `learn.predict` reads the file through the learner's own pipeline (any image mode, as its training
+    images were read); a missing or unreadable file is refused before the model is loaded.
+    """
     image_path = Path(image_path)
-    learn = model if isinstance(model, Learner) else load_model(model)
     if not image_path.is_file():
         raise FileNotFoundError(f"image file {image_path} does not exist")
-    from PIL import UnidentifiedImageError
-
     try:
-        image = RGBImage.create(image_path)  # any mode (16-bit, palette, RGBA) as the training images were
+        with Image.open(image_path) as im:
+            im.verify()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {image_path}: {e}") from e
+    learn = model if isinstance(model, Learner) else load_model(model)
     with learn.no_bar():
-        label, idx, probs = learn.predict(image)
+        label, idx, probs = learn.predict(image_path)
     return str(label), float(probs[int(idx)])
 
 
