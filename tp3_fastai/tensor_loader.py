@@ -32,6 +32,16 @@ class TensorItems:
         return (self.x[i],) if self.y is None else (self.x[i], self.y[i])
 
     @property
+    def items(self) -> "TensorItems":
+        """fastai's raw items: the tensors themselves (`Interpretation` takes them back through `test_dl`)."""
+        return self
+
+    @property
+    def iloc(self) -> "_Subset":
+        """`items.iloc[idxs]`, the items at `idxs` as a TensorItems (labels kept), as fastai asks pandas items."""
+        return _Subset(self)
+
+    @property
     def c(self) -> int | None:
         """Number of classes (fastai's `dls.c`)."""
         return None if self.vocab is None else len(self.vocab)
@@ -59,6 +69,16 @@ class TensorItems:
             yield
         finally:
             self.split_idx = old
+
+
+class _Subset:
+    def __init__(self, items: TensorItems):
+        self.of = items
+
+    def __getitem__(self, idxs: Any) -> TensorItems:
+        idxs = torch.as_tensor(idxs, dtype=torch.long, device=self.of.x.device)
+        y = None if self.of.y is None else self.of.y[idxs]
+        return TensorItems(self.of.x[idxs], y, self.of.vocab, self.of.split_idx)
 
 
 def input_type(x: torch.Tensor) -> type:
