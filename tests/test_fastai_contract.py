@@ -279,6 +279,18 @@ def test_mnist_decode_gives_back_the_digits(tmp_path_factory):
     assert [str(s[1]) for s in dl.decode_batch(dl.one_batch(), max_n=3)] == [str(int(v)) for v in y[:3]]
 
 
+def test_batch_transforms_added_after_encoding_are_refused(tmp_path_factory):
+    """TensorLoader encodes once; a transform added later (as vision_learner adds Normalize) would be skipped in
+    training and applied to new items: refused with a clear error instead."""
+    from fastai.data.transforms import Normalize
+
+    dls, _ = mnist_dls(splits=build("mnist", tmp_path_factory).learn.dls.splits)
+    dls.add_tfms([Normalize.from_stats(0.5, 0.5, cuda=False)], "after_batch", loaders=[0])
+    with pytest.raises(RuntimeError, match="applies its batch transforms once"):
+        dls.train.one_batch()
+    assert len(dls.valid.one_batch()[0]) == 128  # the loaders left alone still work
+
+
 FRESH = """
 import json, sys, warnings
 import torch

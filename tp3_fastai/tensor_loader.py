@@ -19,10 +19,11 @@ class TensorItems:
     n_inp = 1
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor | None = None, vocab: Sequence[str] | None = None,
-                 split_idx: int | None = None):
+                 split_idx: int | None = None, encoded_by: tuple | None = None):
         if y is not None and len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         self.x, self.y, self.split_idx = x, y, split_idx
+        self.encoded_by = encoded_by  # the batch transforms `x` went through (set by the first loader over it)
         self.vocab = vocab if vocab is None or isinstance(vocab, CategoryMap) else CategoryMap(list(vocab), sort=False)
 
     def __len__(self) -> int:
@@ -54,7 +55,8 @@ class TensorItems:
 
     def new_empty(self) -> "TensorItems":
         """No items, the same vocab (what `learn.export` keeps)."""
-        return TensorItems(self.x[:0], None if self.y is None else self.y[:0], self.vocab, self.split_idx)
+        return TensorItems(self.x[:0], None if self.y is None else self.y[:0], self.vocab, self.split_idx,
+                           self.encoded_by)
 
     def to(self, device: torch.device) -> "TensorItems":
         self.x = self.x.to(device, non_blocking=True)
@@ -78,7 +80,7 @@ class _Subset:
     def __getitem__(self, idxs: Any) -> TensorItems:
         idxs = torch.as_tensor(idxs, dtype=torch.long, device=self.of.x.device)
         y = None if self.of.y is None else self.of.y[idxs]
-        return TensorItems(self.of.x[idxs], y, self.of.vocab, self.of.split_idx)
+        return TensorItems(self.of.x[idxs], y, self.of.vocab, self.of.split_idx, self.of.encoded_by)
 
 
 def input_type(x: torch.Tensor) -> type:
@@ -116,6 +118,8 @@ class TensorLoader(TfmdDL):
         state = random.getstate()  # fastai's DataLoader seeds its own (unused here) shuffler from the global `random`:
         super().__init__(items, bs=bs, shuffle=shuffle, drop_last=drop_last, **kwargs)
         random.setstate(state)  # leave the global state as it was, so that runs stay reproducible
+        if items.encoded_by is None:
+            items.encoded_by = tuple(self.after_batch.fs)
         self._n_inp = 1
         self._types = {tuple: [input_type(items.x)] + ([] if items.y is None else [TensorCategory])}
         self.to(device)
@@ -159,6 +163,11 @@ class TensorLoader(TfmdDL):
         return torch.arange(self.n) if order is None else order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if tuple(self.after_batch.fs) != self.dataset.encoded_by:
+            raise RuntimeError(
+                f"this loader's tensors were encoded with {list(self.dataset.encoded_by)}, but its after_batch now "
+                f"holds {list(self.after_batch.fs)}: a TensorLoader applies its batch transforms once, when it is "
+                "built, so build it with them (fastai's vision_learner adds a Normalize unless normalize=False)")
         self.before_iter()
         # an order fixed by fastai (get_preds passes `get_idxs`) or this epoch's own
         idx = self.get_idxs() if "get_idxs" in self.__dict__ else self._order()
@@ -198,7 +207,7 @@ class TensorLoader(TfmdDL):
         if dataset is None:
             dataset = self.dataset
         elif not isinstance(dataset, TensorItems):
-            dataset = TensorItems(self.encode(dataset), None, self.vocab)
+            dataset = TensorItems(self.encode(dataset), None, self.vocab, encoded_by=tuple(self.after_batch.fs))
         opts = dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, seed=self.seed, device=self.device,
                     rank=self.rank, world=self.world, after_item=self.after_item, before_batch=self.before_batch,
                     after_batch=self.after_batch)
