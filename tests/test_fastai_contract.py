@@ -210,7 +210,7 @@ def test_summary_names_the_layers(case):
 def test_lr_find_prints_nothing(case, capsys):
     """The learners print a line per training epoch; lr_find, whose mock training spans whole epochs here, none."""
     learn = case.learn
-    num_it = max(20, len(learn.dls.train) + 5)
+    num_it = max(12, len(learn.dls.train) + 2)
     # stop_div=False: on these tiny sets the loss may diverge within a few steps, leaving fastai's suggestion
     # functions too few points
     suggestion = learn.lr_find(end_lr=1, num_it=num_it, stop_div=False, show_plot=False)
