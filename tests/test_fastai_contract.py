@@ -56,7 +56,7 @@ class Case:
 def _png(image: torch.Tensor, path: Path) -> Path:
     """Save a uint8 1 x H x W (or H x W) tensor as a grayscale PNG: a file a user would bring."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image.reshape(image.shape[-2:]).numpy().astype(np.uint8), mode="L").save(path)
+    Image.fromarray(image.reshape(image.shape[-2:]).numpy().astype(np.uint8)).save(path)  # 2-D uint8: mode L
     return path
 
 

@@ -174,7 +174,7 @@ class GrayImage(Transform):
                     raise ValueError(f"image values must be uint8 (0-255) or floats in [0, 1], got {a.dtype} in "
                                      f"[{a.min()}, {a.max()}]")
                 a = (a * 255).round().astype(np.uint8)
-            a = gray_array(Image.fromarray(a, mode="L"), self.size)
+            a = gray_array(Image.fromarray(a), self.size)  # 2-D uint8: mode L
         else:
             raise TypeError(f"cannot read an image from a {type(o).__name__}: pass a file path, a PIL image, or an "
                             "array or tensor of shape H x W")
