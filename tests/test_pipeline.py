@@ -380,7 +380,7 @@ def test_finetune_records_the_pipeline_and_the_commands_take_it(jpegs, tmp_path)
 
 def test_the_bench_compares_every_pipeline_side_by_side(jpegs, dls):
     """The bench's pipeline section: a loader row per pipeline (ratio to the first, spread, cache fill), the plain
-    loop on synthetic batches once per mode, and plain / package / tuned loops fed by each pipeline."""
+    loop on synthetic batches once per mode, and plain / package (lean) / stock fastai loops fed by each pipeline."""
     from fastai.data.core import DataLoaders
 
     from tp3_fastai.bench import BatchLoader, bench_pipeline, synthetic_batches
@@ -397,10 +397,10 @@ def test_the_bench_compares_every_pipeline_side_by_side(jpegs, dls):
     assert r["loaders"][2]["cached"] == 40 and r["loaders"][2]["fill_s"] > 0 and r["loaders"][1]["cached"] is None
     cells = [(row["loop"], row["data"], row["pipeline"]) for row in r["rows"]]
     assert cells == [("plain", "synthetic", None)] + [(lp, "real", p) for p in PIPES
-                                                        for lp in ("plain", "package", "tuned")]
+                                                        for lp in ("plain", "package", "stock")]
     assert all(row["ratio_vs_plain_real"] == 1 for row in r["rows"] if row["loop"] == "plain" and row["pipeline"])
     assert r["memory_format"] == "contiguous" and r["aug"] == "default"
     md = "\n".join(pipeline_markdown(r))
-    for text in ("| pipeline | workers | images/s |", "| cached | 0 |", "| frozen | tuned | real | device |",
+    for text in ("| pipeline | workers | images/s |", "| cached | 0 |", "| frozen | stock | real | device |",
                  "**device**: workers read bytes"):
         assert text in md

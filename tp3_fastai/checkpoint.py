@@ -155,7 +155,7 @@ class CheckpointCallback(Callback):
 
     def after_epoch(self) -> None:
         history = self.learn.curves.history
-        if not history or history[-1]["epoch"] != self.learn.epoch + 1:  # skipped or validate-only epoch
+        if not self.learn.curves.recorded:  # no training in this epoch: skipped, predict, validate, ...
             return
         value = history[-1][self.monitor]
         save_checkpoint(self.learn, self.folder / "last.pth", self.learn.epoch + 1, value)

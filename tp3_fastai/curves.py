@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from fastai.callback.core import Callback
+from fastai.callback.schedule import LRFinder
 from torch.nn.parallel import DistributedDataParallel
 from .runs import pyplot, save_figure
 
@@ -23,6 +24,11 @@ class CurvesCallback(Callback):
     exact mean over the epoch's batches. Sums stay on the device and sync once per epoch. In data-parallel
     training (the model wrapped in DistributedDataParallel, each process seeing its shard of the data) the
     sums are added up across processes first, so every rank holds the metrics of the whole epoch.
+
+    It acts only in training fits: an epoch counts once its training phase has begun (fastai's `before_train`),
+    so `predict`, `get_preds` (with or without targets, `with_loss=True`), `validate`, `tta`, `summary` and
+    interpretation, which fire batch and epoch events without training, leave it silent; so does `lr_find`.
+    `recorded` is True right after an epoch's row was added (CheckpointCallback saves only then).
     """
     order = 60  # after Recorder (50), before ProgressCallback's epoch output
 
@@ -31,20 +37,24 @@ class CurvesCallback(Callback):
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.printer, self.label = log, name
         self.history: list[dict[str, float]] = []
-
-    def before_fit(self) -> None:
-        if self.csv_path is not None:
-            self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.csv_path.exists() or self.csv_path.stat().st_size == 0:
-                with open(self.csv_path, "w", newline="") as f:
-                    csv.writer(f).writerow(COLUMNS)
+        self.counting = self.recorded = False
 
     def before_epoch(self) -> None:
+        # every fastai idiom (fit, predict, get_preds, validate, tta, summary) starts an epoch: nothing left over
+        # from an interrupted fit is counted then
+        self.counting = self.recorded = False
+
+    def before_train(self) -> None:
+        if any(isinstance(cb, LRFinder) for cb in self.learn.cbs):
+            return  # lr_find trains on growing learning rates and never validates: not an epoch to record
         self.start = time.perf_counter()
         self.sums = {k: torch.zeros((), dtype=torch.float64) for k in ("tl", "tc", "tn", "vl", "vc", "vn")}
         self.moved = False
+        self.counting = True
 
     def after_batch(self) -> None:
+        if not self.counting:
+            return
         if not self.moved:  # keep the running sums on the batch's device
             self.sums = {k: v.to(self.learn.pred.device) for k, v in self.sums.items()}
             self.moved = True
@@ -66,9 +76,12 @@ class CurvesCallback(Callback):
         self.sums = dict(zip(keys, total.unbind()))
 
     def after_epoch(self) -> None:
+        if not self.counting:  # no training in this epoch: skipped, or fired by predict, validate, ...
+            return
+        self.counting = False
         self._all_reduce()
         s = {k: float(v) for k, v in self.sums.items()}
-        if s["tn"] == 0:  # `learn.validate()` fires epoch events too: not a training epoch
+        if s["tn"] == 0:  # training cancelled before its first batch
             return
         row = {
             "epoch": self.learn.epoch + 1,
@@ -79,14 +92,26 @@ class CurvesCallback(Callback):
             "seconds": time.perf_counter() - self.start,
         }
         self.history.append(row)
+        self.recorded = True
         if self.csv_path is not None:
-            with open(self.csv_path, "a", newline="") as f:
-                csv.writer(f).writerow([f"{row[c]:.6g}" if c != "epoch" else row[c] for c in COLUMNS])
+            self._write(row)
         if self.printer is not None:
             self.printer(f"{self.label + ' ' if self.label else ''}epoch {row['epoch']}/{self.learn.n_epoch}  "
                      f"train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}  "
                      f"valid loss {row['valid_loss']:.4f} acc {row['valid_accuracy']:.4f}  "
                      f"{row['seconds']:.1f}s")
+
+    def after_fit(self) -> None:
+        self.counting = False
+
+    def _write(self, row: dict[str, float]) -> None:
+        """Append `row` to the CSV, writing the header first into a new or empty file."""
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.csv_path.exists() or self.csv_path.stat().st_size == 0
+        with open(self.csv_path, "a", newline="") as f:
+            if new:
+                csv.writer(f).writerow(COLUMNS)
+            csv.writer(f).writerow([f"{row[c]:.6g}" if c != "epoch" else row[c] for c in COLUMNS])
 
 
 def read_curves(csv_path: str | Path) -> list[dict[str, float]]:

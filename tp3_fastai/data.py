@@ -3,14 +3,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from fastai.data.core import DataLoaders
+from fastai.data.transforms import IntToFloatTensor, Normalize
+from fastai.torch_core import TensorImageBW
+from fasttransform import Pipeline, Transform
 from PIL import Image, UnidentifiedImageError
 
 from .download import DEFAULT_CACHE, DownloadError, archive_url, download  # noqa: F401 (DownloadError: importable here)
+from .tensor_loader import TensorLoader
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -55,6 +59,14 @@ def _mnist_sample() -> tuple[np.ndarray, np.ndarray]:
     return x.reshape(-1, 1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
+def gray_array(im: Image.Image, size: int = 28) -> np.ndarray:
+    """A PIL image as a size x size uint8 grayscale array (converted, resized if needed): how MNIST images are read."""
+    im = im.convert("L")
+    if im.size != (size, size):
+        im = im.resize((size, size))
+    return np.asarray(im, dtype=np.uint8)
+
+
 def read_image_folder(folder: Path, size: int = 28) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read `folder/<class>/*.png` as grayscale uint8 arrays (resized to `size` if needed) with class indices."""
     if not folder.is_dir():
@@ -70,10 +82,7 @@ def read_image_folder(folder: Path, size: int = 28) -> tuple[np.ndarray, np.ndar
         for f in files:
             try:
                 with Image.open(f) as im:
-                    im = im.convert("L")
-                    if im.size != (size, size):
-                        im = im.resize((size, size))
-                    images.append(np.asarray(im, dtype=np.uint8))
+                    images.append(gray_array(im, size))
             except (UnidentifiedImageError, OSError) as e:
                 raise ValueError(f"cannot read image {f}: {e}. Remove or replace the file.") from e
             labels.append(i)
@@ -128,118 +137,68 @@ def load_mnist(source: str | Path = "sample", valid_pct: float = 0.2, test_pct: 
                        torch.from_numpy(x_test), torch.from_numpy(y_test), source=desc, classes=classes)
 
 
+class GrayImage(Transform):
+    """fastai item transform: a raw image (file path, PIL image, H x W or 1 x H x W array or tensor, uint8 or float
+    in [0, 1]) -> the uint8 TensorImageBW (1 x size x size) the in-memory MNIST images are (see `gray_array`)."""
 
-class TensorLoader:
-    """Mini-batches sliced from in-memory tensors: the fast path for fastai's Learner (no per-item Python work).
+    def __init__(self, size: int = 28):
+        super().__init__()
+        self.size = size
 
-    fastai's generic DataLoader collates item by item, about 9x slower than slicing (measured here); a Learner
-    only needs `__len__`, `__iter__` yielding (x, y), `to(device)` and `new(...)` (used by `get_preds`).
-    `shard(rank, world)` gives one process of a data-parallel run its part of every batch (see there).
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 64, shuffle: bool = False,
-                 drop_last: bool = False, seed: int = 0, device: torch.device | str = "cpu",
-                 rank: int = 0, world: int = 1, gen: torch.Generator | None = None):
-        if bs <= 0:
-            raise ValueError(f"batch size must be positive, got {bs}")
-        if len(x) != len(y):
-            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
-        if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"rank must lie in [0, world) with world >= 1, got rank={rank}, world={world}")
-        self.x, self.y, self.bs, self.shuffle, self.drop_last, self.seed = x, y, bs, shuffle, drop_last, seed
-        self.rank, self.world = rank, world
-        self.device = torch.device(device)
-        # CPU generator: same order on every device; shared by shards, so every rank draws the same permutation
-        self.gen = gen if gen is not None else torch.Generator().manual_seed(seed)
-        self.to(self.device)
-
-    @property
-    def n(self) -> int:
-        return len(self.y)
-
-    @property
-    def n_local(self) -> int:
-        """Items this loader yields per epoch: all of them, or a shard's ceil(n / world)."""
-        return -(-self.n // self.world)
-
-    def __len__(self) -> int:
-        return self.n_local // self.bs if self.drop_last else -(-self.n_local // self.bs)
-
-    def _order(self) -> torch.Tensor | None:
-        """This epoch's item indices, or None for 0..n-1 in order (a single unshuffled process slices views)."""
-        perm = torch.randperm(self.n, generator=self.gen) if self.shuffle else None
-        if self.world == 1:
-            return perm
-        if perm is None:
-            perm = torch.arange(self.n)
-        total, b = self.n_local * self.world, self.bs
-        if total > self.n:  # pad by wrapping round, as torch's DistributedSampler does: world - 1 repeats at most
-            perm = perm.repeat(-(-total // self.n))[:total]
-        # Global batch i is perm[i*b*world : (i+1)*b*world], the batch one process with batch size b*world would
-        # take; rank r takes its r-th part. The tail (fewer than b*world items) is split in `world` equal parts.
-        full = (self.n_local // b) * b * self.world
-        head = perm[:full].view(-1, self.world, b)[:, self.rank].reshape(-1)
-        tail = perm[full:].view(self.world, -1)[self.rank]
-        return torch.cat([head, tail])
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self._order()
-        idx = idx.to(self.device) if idx is not None else None
-        for i in range(len(self)):
-            sl = slice(i * self.bs, (i + 1) * self.bs)
-            if idx is None:
-                yield self.x[sl], self.y[sl]
-            else:
-                yield self.x[idx[sl]], self.y[idx[sl]]
-
-    def shard(self, rank: int, world: int) -> "TensorLoader":
-        """This process's share for data-parallel training over `world` processes: the same tensors, batch size
-        `bs // world`, and the `rank`-th part of every batch that this loader would yield in one process.
-
-        Every rank draws the same seeded permutation each epoch (the generator is shared, and seeded alike on
-        every rank) and takes a disjoint 1/world of it; n is padded to a multiple of `world` by repeating the
-        first items, so every rank runs the same number of equally sized batches (DDP waits for all of them).
-        With gradients averaged across ranks, a step sees exactly the batch a single process would see.
-        """
-        if self.world != 1:
-            raise ValueError(f"this loader is already rank {self.rank}'s shard of {self.world}")
-        if self.bs % world:
-            raise ValueError(f"batch size {self.bs} is not divisible by {world} processes: the batch is split "
-                             f"evenly across processes, choose a multiple of {world}")
-        return TensorLoader(self.x, self.y, self.bs // world, self.shuffle, self.drop_last, self.seed, self.device,
-                            rank=rank, world=world, gen=self.gen)
-
-    def to(self, device: torch.device | str) -> "TensorLoader":
-        self.device = torch.device(device)
-        self.x = self.x.to(self.device, non_blocking=True)
-        self.y = self.y.to(self.device, non_blocking=True)
-        return self
-
-    def new(self, shuffle: bool | None = None, drop_last: bool | None = None, bs: int | None = None,
-            **kwargs) -> "TensorLoader":
-        """A copy with other batching options over the same tensors (and the same shard)."""
-        return TensorLoader(self.x, self.y, bs or self.bs, self.shuffle if shuffle is None else shuffle,
-                            self.drop_last if drop_last is None else drop_last, self.seed, self.device,
-                            rank=self.rank, world=self.world)
-
-    def one_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return next(iter(self))
+    def encodes(self, o: Any) -> TensorImageBW:
+        if isinstance(o, (str, Path)):
+            path = Path(o)
+            if not path.is_file():
+                raise FileNotFoundError(f"image file {path} does not exist")
+            try:
+                with Image.open(path) as im:
+                    a = gray_array(im, self.size)
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"cannot read image {path}: {e}") from e
+        elif isinstance(o, Image.Image):
+            a = gray_array(o, self.size)
+        elif isinstance(o, (torch.Tensor, np.ndarray)):
+            a = np.asarray(o.detach().cpu() if isinstance(o, torch.Tensor) else o)
+            a = a[0] if a.ndim == 3 and a.shape[0] == 1 else a
+            if a.ndim != 2:
+                raise ValueError(f"expected a grayscale image of shape H x W or 1 x H x W, got {tuple(o.shape)}")
+            if a.dtype != np.uint8:
+                if not np.issubdtype(a.dtype, np.floating) or a.min() < 0 or a.max() > 1:
+                    raise ValueError(f"image values must be uint8 (0-255) or floats in [0, 1], got {a.dtype} in "
+                                     f"[{a.min()}, {a.max()}]")
+                a = (a * 255).round().astype(np.uint8)
+            a = gray_array(Image.fromarray(a), self.size)  # 2-D uint8: mode L
+        else:
+            raise TypeError(f"cannot read an image from a {type(o).__name__}: pass a file path, a PIL image, or an "
+                            "array or tensor of shape H x W")
+        return TensorImageBW(torch.from_numpy(a.copy())[None])
 
 
-def normalize_mnist(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float32 normalised with the MNIST mean and std."""
-    return (x.float() / 255 - MNIST_MEAN) / MNIST_STD
+def mnist_pipelines(size: int = 28) -> dict[str, Any]:
+    """fastai's pipelines of the MNIST loaders: a raw digit -> uint8 image (`after_item`) -> float normalised with
+    the MNIST mean and std (`after_batch`). Applied once to the in-memory images, and to every new item."""
+    return dict(after_item=Pipeline([GrayImage(size)]),
+                after_batch=Pipeline([IntToFloatTensor(), Normalize.from_stats(MNIST_MEAN, MNIST_STD, cuda=False)]))
 
 
 def mnist_dls(source: str | Path = "sample", valid_pct: float = 0.2, test_pct: float = 0.2, seed: int = 42,
               bs: int = 64, device: torch.device | str = "cpu",
               splits: ImageSplits | None = None) -> tuple[DataLoaders, TensorLoader]:
-    """fastai DataLoaders (shuffled train, valid) and a separate test loader for MNIST, held in memory on `device`."""
+    """fastai DataLoaders (shuffled train, valid) and a separate test loader for MNIST, held in memory on `device`.
+
+    The loaders are fastai DataLoaders (`show_batch`, `test_dl`, `predict` on a digit file, PIL image or tensor,
+    `export`) whose batches are slices of the images encoded once by `mnist_pipelines`.
+    """
     splits = splits or load_mnist(source, valid_pct=valid_pct, test_pct=test_pct, seed=seed)
-    train = TensorLoader(normalize_mnist(splits.x_train), splits.y_train, bs, shuffle=True, seed=seed,
-                         device=device)
-    valid = TensorLoader(normalize_mnist(splits.x_valid), splits.y_valid, bs * 2, device=device)
-    test = TensorLoader(normalize_mnist(splits.x_test), splits.y_test, bs * 2, device=device)
+    tfms = mnist_pipelines(splits.x_train.shape[-1])
+
+    def loader(x: torch.Tensor, y: torch.Tensor, bs: int, **kwargs: Any) -> TensorLoader:
+        x = tfms["after_batch"](TensorImageBW(x)).as_subclass(torch.Tensor)
+        return TensorLoader(x, y, bs, device=device, vocab=splits.classes, **tfms, **kwargs)
+
+    train = loader(splits.x_train, splits.y_train, bs, shuffle=True, seed=seed)
+    valid = loader(splits.x_valid, splits.y_valid, bs * 2)
+    test = loader(splits.x_test, splits.y_test, bs * 2)
     dls = DataLoaders(train, valid, device=device)
-    dls.c, dls.vocab, dls.splits = len(splits.classes), splits.classes, splits
+    dls.splits = splits
     return dls, test

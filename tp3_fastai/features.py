@@ -179,10 +179,10 @@ def train_head_on_features(learn: FastaiLearner, epochs: int, lr: float = 2e-3, 
     cache_seconds = time.perf_counter() - t0
     seed = 0 if seed is None else seed
     home = dev if store == "device" else torch.device("cpu")  # fastai moves each batch to the model's device
-    train = TensorLoader(x_train, y_train, bs, shuffle=True, seed=seed, device=home)
-    valid = TensorLoader(x_valid, y_valid, bs * 2, device=home)
+    vocab = getattr(learn.dls, "vocab", None)
+    train = TensorLoader(x_train, y_train, bs, shuffle=True, seed=seed, device=home, vocab=vocab)
+    valid = TensorLoader(x_valid, y_valid, bs * 2, device=home, vocab=vocab)
     fdls = DataLoaders(train, valid, device=home)
-    fdls.c, fdls.vocab = getattr(learn.dls, "c", None), getattr(learn.dls, "vocab", None)
     head_learn = feature_learner(head, fdls, learn.loss_func, learn.opt_func, lr, wd=learn.wd, metrics=learn.metrics,
                                  precision=precision, csv_path=csv_path, progress=progress, log=log, path=learn.path)
     t1 = time.perf_counter()

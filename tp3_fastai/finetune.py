@@ -14,6 +14,7 @@ import torch
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
+from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import CheckpointCallback, load_checkpoint
 from .curves import CurvesCallback, plot_curves, read_curves
@@ -22,7 +23,7 @@ from .distributed import (LaunchConfig, as_single_process, backend_for, broadcas
                           distributed_context, gather_object, join_launch, main_only, rank)
 from .experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
                          resume_unit)
-from .image_data import (DEFAULT_CACHE, RGBImage, image_dls, image_source, info_dict, parse_aug, plot_image_grid,
+from .image_data import (DEFAULT_CACHE, image_dls, image_source, info_dict, parse_aug, plot_image_grid,
                          reseed, show_batch_png)
 from .optimizer import OPTIMIZER_NAME
 from .pipeline import check_pipeline
@@ -135,19 +136,22 @@ def load_model(model_path: str | Path) -> Learner:
 
 
 def predict(model: str | Path | Learner, image_path: str | Path) -> tuple[str, float]:
-    """(label, probability) of an image file by an exported model (a path, see load_model) or a loaded Learner."""
+    """(label, probability) of an image file by an exported model (a path, see load_model) or a loaded Learner.
+
+    fastai's `learn.predict` reads the file through the learner's own pipeline (any image mode, as its training
+    images were read); a missing or unreadable file is refused before the model is loaded.
+    """
     image_path = Path(image_path)
-    learn = model if isinstance(model, Learner) else load_model(model)
     if not image_path.is_file():
         raise FileNotFoundError(f"image file {image_path} does not exist")
-    from PIL import UnidentifiedImageError
-
     try:
-        image = RGBImage.create(image_path)  # any mode (16-bit, palette, RGBA) as the training images were
+        with Image.open(image_path) as im:
+            im.verify()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"cannot read image {image_path}: {e}") from e
+    learn = model if isinstance(model, Learner) else load_model(model)
     with learn.no_bar():
-        label, idx, probs = learn.predict(image)
+        label, idx, probs = learn.predict(image_path)
     return str(label), float(probs[int(idx)])
 
 

@@ -24,7 +24,7 @@ from .models import check_name
 from .optimizer import OPTIMIZER_NAME
 from .pretrain import BODY_CACHE, DEFAULT_ARCH, describe_body, pretrained_body
 from .runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
-from .tasks import SourceTask, TargetTask, load_tasks, prepare, tensor_dls
+from .tasks import SourceTask, TargetTask, load_tasks, prepare, prepare_pipelines, tensor_dls
 from .transfer import check_plan, resnet_learner, train_mode
 
 STUDY_MODES = ("scratch", "frozen", "frozen_bn", "finetune")
@@ -79,11 +79,20 @@ def recalibrate_bn(learn: Learner, dl: Any = None) -> list[str]:
 
 class RecalibrateBN(Callback):
     """Recalibrate BatchNorm statistics before each validation, so that learning curves measure the model that is
-    tested (see recalibrate_bn); training is unchanged, since BatchNorm trains on batch statistics."""
+    tested (see recalibrate_bn); training is unchanged, since BatchNorm trains on batch statistics. Only in
+    training fits: predict, get_preds and validate use the statistics as they are."""
     order = 50  # before CurvesCallback (60) reads the validation results
+    fitting = False
+
+    def before_epoch(self) -> None:
+        self.fitting = False  # predict, get_preds, validate, tta: no training, no recalibration
+
+    def before_train(self) -> None:
+        self.fitting = True
 
     def before_validate(self) -> None:
-        recalibrate_bn(self.learn)
+        if self.fitting:
+            recalibrate_bn(self.learn)
 
 
 def target_run(target: TargetTask, mode: str, k: int, seed: int, weights: bool | str | Path, arch: str = DEFAULT_ARCH,
@@ -104,7 +113,8 @@ def target_run(target: TargetTask, mode: str, k: int, seed: int, weights: bool |
     prec = resolve_precision(precision, dev)
     x, y = target.train(k, seed)
     dls = tensor_dls(prepare(x, size, mean, std, n_in), y, prepare(target.x_valid, size, mean, std, n_in),
-                     target.y_valid, target.classes, bs, seed, dev)
+                     target.y_valid, target.classes, bs, seed, dev,
+                     **prepare_pipelines(x.shape[-1], size, mean, std, n_in))
     test = TensorLoader(prepare(target.x_test, size, mean, std, n_in), target.y_test, 256, device=dev)
     fastai_mode, train_bn = MODE_SETTINGS[mode]
     set_seed(seed, reproducible=True)  # same head init and batch order in every mode

@@ -13,8 +13,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.data.core import DataLoaders
+from fastai.torch_core import TensorImage, TensorImageBW
+from fasttransform import Pipeline, Transform
 
-from .data import MNIST_MEAN, MNIST_STD, TensorLoader, _mnist_sample, read_image_folder, stratified_split
+from .data import (MNIST_MEAN, MNIST_STD, GrayImage, TensorLoader, _mnist_sample, read_image_folder,
+                   stratified_split)
 
 @dataclass
 class SourceTask:
@@ -226,13 +229,34 @@ def prepare(x: torch.Tensor, size: int, mean: float, std: float, n_in: int = 1) 
     return out
 
 
+class PrepareImages(Transform):
+    """fastai batch transform: uint8 images -> `prepare`d model inputs; decoded back to [0, 1] grayscale for display."""
+
+    def __init__(self, size: int, mean: float, std: float, n_in: int = 1):
+        super().__init__()
+        self.size, self.mean, self.std, self.n_in = size, mean, std, n_in
+
+    def encodes(self, x: TensorImage) -> TensorImage:
+        return TensorImage(prepare(x.as_subclass(torch.Tensor), self.size, self.mean, self.std, self.n_in))
+
+    def decodes(self, x: TensorImage) -> TensorImageBW:
+        return TensorImageBW((x.as_subclass(torch.Tensor)[:, :1] * self.std + self.mean).clamp(0, 1))
+
+
+def prepare_pipelines(raw_size: int, size: int, mean: float, std: float, n_in: int = 1) -> dict[str, Pipeline]:
+    """The fastai pipelines behind `prepare`: a raw image (file, PIL image, tensor) read as a uint8 grayscale
+    `raw_size` px image, then prepared; `tensor_dls` takes them so that `predict` and `test_dl` read new images."""
+    return dict(after_item=Pipeline([GrayImage(raw_size)]),
+                after_batch=Pipeline([PrepareImages(size, mean, std, n_in)]))
+
+
 def tensor_dls(x_train: torch.Tensor, y_train: torch.Tensor, x_valid: torch.Tensor, y_valid: torch.Tensor,
-               classes: Sequence[str], bs: int, seed: int, device: torch.device) -> DataLoaders:
-    """fastai DataLoaders over prepared in-memory tensors (no after_batch: the tensors are already normalised)."""
+               classes: Sequence[str], bs: int, seed: int, device: torch.device, **pipelines: Pipeline) -> DataLoaders:
+    """fastai DataLoaders over prepared in-memory tensors; `pipelines` (see prepare_pipelines) say how new items
+    become such tensors (`test_dl`, `predict`) and how to show them."""
     # a last training batch of one image breaks BatchNorm1d in fastai's head: drop that one (another each epoch)
     drop_last = len(y_train) > bs and len(y_train) % bs == 1
-    train = TensorLoader(x_train, y_train, bs, shuffle=True, drop_last=drop_last, seed=seed, device=device)
-    valid = TensorLoader(x_valid, y_valid, bs * 4, device=device)
-    dls = DataLoaders(train, valid, device=device)
-    dls.c, dls.vocab = len(classes), list(classes)
-    return dls
+    train = TensorLoader(x_train, y_train, bs, shuffle=True, drop_last=drop_last, seed=seed, device=device,
+                         vocab=classes, **pipelines)
+    valid = TensorLoader(x_valid, y_valid, bs * 4, device=device, vocab=classes, **pipelines)
+    return DataLoaders(train, valid, device=device)
