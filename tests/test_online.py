@@ -377,8 +377,14 @@ def test_resnet_learner_loads_the_hub_tensors_through_timm(offline_hub, lfw_cach
     assert learn.weights == f"timm hub: {hub_id}" == "timm hub: timm/resnet18.a1_in1k" and learn.pretrained
     _body_matches(learn.model[0].model, made)
     assert learn.model[1][-1].out_features == 2  # fastai's new head for the two classes
-    # one input channel: timm sums the first convolution over its three input channels
-    mdls, _ = mnist_dls(bs=64)
+    # one input channel: timm sums the first convolution over its three input channels; the digits are normalised
+    # with the weights' statistics averaged over the channels (MNIST's own are refused, naming the fix)
+    with pytest.raises(ValueError, match=r"normalise with mean \(0\.1307\).*normalization\(True, 'resnet18', "
+                                         r"n_in=1\), e.g. mnist_dls\(\.\.\., stats=\.\.\.\)"):
+        resnet_learner(mnist_dls(bs=64)[0], "resnet18", pretrained=True, n_in=1, path=tmp_path, progress=False,
+                       log=None)
+    gray = normalization(True, "resnet18", n_in=1)
+    mdls, _ = mnist_dls(bs=64, stats=(gray["mean"][0], gray["std"][0]))
     learn1 = resnet_learner(mdls, "resnet18", pretrained=True, n_in=1, path=tmp_path, progress=False, log=None)
     _body_matches(learn1.model[0].model, made, adapted="conv1.weight")
     assert learn1.model(mdls.one_batch()[0]).shape == (64, 10)

@@ -17,7 +17,7 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=Fu
 
 def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line on stderr and exit 2."""
-    from .data import DownloadError
+    from .download import DownloadError
 
     try:
         return fn(**kwargs)

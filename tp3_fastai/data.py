@@ -174,23 +174,26 @@ class GrayImage(Transform):
         return TensorImageBW(torch.from_numpy(a.copy())[None])
 
 
-def mnist_pipelines(size: int = 28) -> dict[str, Any]:
+def mnist_pipelines(size: int = 28, stats: tuple[float, float] = (MNIST_MEAN, MNIST_STD)) -> dict[str, Any]:
     """fastai's pipelines of the MNIST loaders: a raw digit -> uint8 image (`after_item`) -> float normalised with
-    the MNIST mean and std (`after_batch`). Applied once to the in-memory images, and to every new item."""
+    `stats` (mean, std; MNIST's by default) (`after_batch`). Applied once to the in-memory images, and to every
+    new item."""
     return dict(after_item=Pipeline([GrayImage(size)]),
-                after_batch=Pipeline([IntToFloatTensor(), Normalize.from_stats(MNIST_MEAN, MNIST_STD, cuda=False)]))
+                after_batch=Pipeline([IntToFloatTensor(), Normalize.from_stats(*stats, cuda=False)]))
 
 
 def mnist_dls(source: str | Path = "sample", valid_pct: float = 0.2, test_pct: float = 0.2, seed: int = 42,
               bs: int = 64, device: torch.device | str = "cpu",
-              splits: ImageSplits | None = None) -> tuple[DataLoaders, TensorLoader]:
+              splits: ImageSplits | None = None,
+              stats: tuple[float, float] = (MNIST_MEAN, MNIST_STD)) -> tuple[DataLoaders, TensorLoader]:
     """fastai DataLoaders (shuffled train, valid) and a separate test loader for MNIST, held in memory on `device`.
 
     The loaders are fastai DataLoaders (`show_batch`, `test_dl`, `predict` on a digit file, PIL image or tensor,
-    `export`) whose batches are slices of the images encoded once by `mnist_pipelines`.
+    `export`) whose batches are slices of the images encoded once by `mnist_pipelines` (normalised with `stats`:
+    MNIST's, or e.g. those of hub weights, `weights.normalization(True, arch, n_in=1)`).
     """
     splits = splits or load_mnist(source, valid_pct=valid_pct, test_pct=test_pct, seed=seed)
-    tfms = mnist_pipelines(splits.x_train.shape[-1])
+    tfms = mnist_pipelines(splits.x_train.shape[-1], stats)
 
     def loader(x: torch.Tensor, y: torch.Tensor, bs: int, **kwargs: Any) -> TensorLoader:
         x = tfms["after_batch"](TensorImageBW(x)).as_subclass(torch.Tensor)

@@ -6,8 +6,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .label_efficiency import MODE_LABELS
-from .pretrain import describe_body
 from .report import Section, write_report
 from .runs import new_run_dir, write_json
 
@@ -92,6 +90,9 @@ def transfer_section(run: Path, folder: dict) -> Section:
 
 def study_section(run: Path, study: dict) -> Section:
     """Report section of Part II from the label-efficiency study's summary (the offline default)."""
+    from .label_efficiency import MODE_LABELS  # imported when used: a mistyped part is refused in a second
+    from .pretrain import describe_body
+
     rel = lambda name: str(Path(study["run_dir"]).relative_to(run) / name)  # noqa: E731
     cfg, body, timing = study["config"], study["body"], study["timing"]
     if body is not None:

@@ -62,7 +62,7 @@ def kernel_review(out: str | Path, mnist_run: str | Path | None = None, body: st
     """First-layer kernel grids, each saying where its weights came from: Part I's CNN (`mnist_run`, else trained
     here for 2 epochs), the body pretrained offline (`body`, else the cached default body if there is one) and
     `arch` with `weights` (True: timm hub; a path: a weights file; False: not shown). Adds them to summary.json."""
-    from .data import DownloadError
+    from .download import DownloadError
     from .kernels import body_grid, cached_body, grid_summary, imagenet_grid, mnist_cnn_grid, plot_kernel_grid
 
     out = Path(out)

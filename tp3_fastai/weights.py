@@ -183,7 +183,7 @@ def normalization(pretrained: WeightsArg, arch: str, n_in: int = 3) -> dict[str,
 
 def check_normalization(dls: Any, pretrained: WeightsArg, arch: str, n_in: int = 3) -> None:
     """Raise when hub weights meet DataLoaders whose fastai Normalize uses other statistics than the weights'
-    pretrained configuration (DataLoaders without one, e.g. MNIST tensors normalised beforehand, pass)."""
+    pretrained configuration (DataLoaders without one, e.g. the label-efficiency tensors normalised beforehand, pass)."""
     if pretrained is not True:
         return
     from fastai.data.transforms import Normalize
@@ -199,7 +199,8 @@ def check_normalization(dls: Any, pretrained: WeightsArg, arch: str, n_in: int =
                     f"these DataLoaders normalise with mean {_fmt(mean)} and std {_fmt(std)}, but {hub_id(arch)} "
                     f"was pretrained on inputs normalised with mean {_fmt(want['mean'])} and std {_fmt(want['std'])} "
                     f"({want['source']}): build them with stats=(mean, std) from weights.normalization(True, "
-                    f"{arch!r}), e.g. folder_dls(..., stats=...)")
+                    f"{arch!r}{'' if n_in == 3 else f', n_in={n_in}'}), e.g. "
+                    f"{'folder_dls' if n_in == 3 else 'mnist_dls'}(..., stats=...)")
 
 
 def _fmt(values: list[float]) -> str:
