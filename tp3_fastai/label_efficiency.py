@@ -260,15 +260,7 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     first seed's runs at that k also write curves_<mode>.csv, comparison.png (learning curves of every mode on
     `valid_pct` of the target images) and predictions.png (the last mode's predictions on target test images).
     """
-    ks = sorted(dict.fromkeys(int(k) for k in ks))
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not ks or not seeds:
-        raise ValueError("ks and seeds must each name at least one value")
-    if lr_mult <= 0:
-        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
-    modes = check_plan(modes, STUDY_MODES, "study mode", arch, epochs, bs, lr, freeze_epochs)
-    if curves_k is not None and curves_k not in ks:
-        raise ValueError(f"curves_k={curves_k} must be one of the ks {ks}")
+    ks, seeds, modes = _check_study(ks, seeds, modes, arch, epochs, bs, lr, freeze_epochs, lr_mult, curves_k)
     src, tgt = tasks if tasks is not None else load_tasks(source, target, size, valid_pct=valid_pct)
     if tgt is None:
         raise ValueError("the study needs a target task: pass target=FOLDER with a source folder, or source='mnist'")
@@ -279,24 +271,9 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     t0 = time.perf_counter()
     run = new_run_dir(out, overwrite)
     env = env_info(dev)
-    transfer_modes = set(modes) - {"scratch"}
-    body_info: dict[str, Any] | None = None
-    mean, std = src.mean, src.std
-    if isinstance(weights, (str, Path)) and Path(weights).with_suffix(".json").is_file():
-        try:  # a body of ours: the target gets the inputs it was trained on
-            norm = read_json(Path(weights).with_suffix(".json")).get("normalize") or {}
-            mean, std = float(norm["mean"][0]), float(norm["std"][0])
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
-            pass  # any other sidecar: the source task's normalisation
-    if weights is None or weights is False:
-        if transfer_modes:
-            path, body_info = pretrained_body(arch, size, n_in, pretrain_epochs, pretrain_lr, pretrain_bs,
-                                              pretrain_seed, src, cache_dir=cache_dir, retrain=retrain,
-                                              device=device, precision=precision, progress=False, log=log)
-            weights = path
-            mean, std = body_info["normalize"]["mean"][0], body_info["normalize"]["std"][0]
-        else:
-            weights = False
+    weights, body_info, (mean, std) = _study_weights(
+        weights, modes, src, arch, size, n_in, dict(epochs=pretrain_epochs, lr=pretrain_lr, bs=pretrain_bs,
+                                                    seed=pretrain_seed), cache_dir, retrain, device, precision, log)
     config = dict(command=command, ks=ks, seeds=seeds, modes=modes, arch=arch, size=size, n_in=n_in, epochs=epochs,
                   bs=bs, lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, recalibrate_bn=recalibrate,
                   valid_pct=valid_pct, curves_k=curves_k,
@@ -312,33 +289,10 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     if body_info is not None:
         log(f"weights: {describe_body(body_info)}")
 
-    accuracy: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in ks} for m in modes}
-    runs: list[dict[str, Any]] = []
-    columns = ("mode", "k", "seed", "test_accuracy", "test_loss", "n_train", "steps", "train_seconds",
-               "test_seconds", "trainable_params", "params")
-    with open(run / "runs.csv", "w", newline="") as f:
-        csv.writer(f).writerow(columns)
-    histories: dict[str, list[dict[str, float]]] = {}
-    for k in ks:
-        for seed in seeds:
-            for mode in modes:
-                curves = k == curves_k and seed == seeds[0]
-                learn, r = target_run(tgt, mode, k, seed, weights, arch, size, n_in, mean, std, epochs, bs, lr,
-                                      freeze_epochs, lr_mult, recalibrate, device, precision, progress=False,
-                                      csv_path=run / f"curves_{mode}.csv" if curves else None, log=None)
-                if curves:
-                    histories[MODE_LABELS[mode]] = learn.curves.history
-                    if mode == modes[-1]:
-                        plot_test_predictions(learn, tgt, size, mean, std, n_in, run / "predictions.png",
-                                              title=f"{mode}, k={k}: target test predictions (red = wrong)")
-                del learn
-                runs.append(r)
-                accuracy[mode][str(k)].append(r["test_accuracy"])
-                with open(run / "runs.csv", "a", newline="") as f:
-                    csv.writer(f).writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in columns])
-                write_json(run / "label_efficiency.json", accuracy)
-                log(f"k={k:<4} seed={seed} {mode:<10} test accuracy {r['test_accuracy']:.4f}  "
-                    f"train {r['train_seconds']:.1f}s")
+    train = dict(weights=weights, arch=arch, size=size, n_in=n_in, mean=mean, std=std, epochs=epochs, bs=bs, lr=lr,
+                 freeze_epochs=freeze_epochs, lr_mult=lr_mult, recalibrate=recalibrate, device=device,
+                 precision=precision)
+    accuracy, runs, histories = _run_grid(run, tgt, ks, seeds, modes, curves_k, train, log)
     timing = timing_summary(runs)
     if body_info is not None:
         timing["pretrain_seconds"] = body_info["seconds"]
@@ -351,17 +305,111 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
                           f"{len(tgt.y_valid)} validation images")
     rows = efficiency_rows(accuracy)
     table = markdown_table(rows, ["labels per class", *modes])
+    (run / "label_efficiency.md").write_text(
+        _study_markdown(config, tgt, table, timing, body_info, env.get("device_name", dev)))
+    summary = dict(run_dir=str(run), config=config, accuracy=accuracy, table=rows, timing=timing, load_average=_load(),
+                   body=body_info, runs=runs, device=str(dev), device_name=env.get("device_name"), precision=prec,
+                   seconds=time.perf_counter() - t0)
+    write_json(run / "summary.json", summary)
+    log("\n" + table + f"\n\nrun folder: {run}")
+    return summary
+
+
+def _check_study(ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str], arch: str, epochs: int, bs: int,
+                 lr: float, freeze_epochs: int, lr_mult: float,
+                 curves_k: int | None) -> tuple[list[int], list[int], list[str]]:
+    """The study's ks (sorted) and seeds (in order), without repeats, and its checked modes; else a ValueError."""
+    ks = sorted(dict.fromkeys(int(k) for k in ks))
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not ks or not seeds:
+        raise ValueError("ks and seeds must each name at least one value")
+    if lr_mult <= 0:
+        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
+    modes = check_plan(modes, STUDY_MODES, "study mode", arch, epochs, bs, lr, freeze_epochs)
+    if curves_k is not None and curves_k not in ks:
+        raise ValueError(f"curves_k={curves_k} must be one of the ks {ks}")
+    return ks, seeds, modes
+
+
+def _study_weights(weights: bool | str | Path | None, modes: Sequence[str], src: SourceTask, arch: str, size: int,
+                   n_in: int, pretrain: dict[str, Any], cache_dir: str | Path, retrain: bool, device: str,
+                   precision: str, log: Callable[[str], None]
+                   ) -> tuple[bool | str | Path, dict[str, Any] | None, tuple[float, float]]:
+    """(weights of the transfer modes, the pretrained body's sidecar or None, the inputs' (mean, std)).
+
+    None (or False) pretrains a body on the source task, or takes it from the cache, when a mode transfers; a body
+    file of ours brings the normalisation it was trained with; anything else gets the source task's."""
+    mean, std = src.mean, src.std
+    if isinstance(weights, (str, Path)) and Path(weights).with_suffix(".json").is_file():
+        try:  # a body of ours: the target gets the inputs it was trained on
+            norm = read_json(Path(weights).with_suffix(".json")).get("normalize") or {}
+            mean, std = float(norm["mean"][0]), float(norm["std"][0])
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+            pass  # any other sidecar: the source task's normalisation
+    if weights is not None and weights is not False:
+        return weights, None, (mean, std)
+    if not set(modes) - {"scratch"}:  # nothing transfers: no body to pretrain
+        return False, None, (mean, std)
+    path, body = pretrained_body(arch, size, n_in, pretrain["epochs"], pretrain["lr"], pretrain["bs"],
+                                 pretrain["seed"], src, cache_dir=cache_dir, retrain=retrain, device=device,
+                                 precision=precision, progress=False, log=log)
+    return path, body, (body["normalize"]["mean"][0], body["normalize"]["std"][0])
+
+
+RUN_COLUMNS = ("mode", "k", "seed", "test_accuracy", "test_loss", "n_train", "steps", "train_seconds", "test_seconds",
+               "trainable_params", "params")
+
+
+def _run_grid(run: Path, tgt: TargetTask, ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str],
+              curves_k: int | None, train: dict[str, Any], log: Callable[[str], None]
+              ) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]], dict[str, list[dict[str, float]]]]:
+    """Every (k, seed, mode) target run, k then seed then mode; runs.csv and label_efficiency.json written as each
+    ends. Returns ({mode: {k: [accuracy per seed]}}, the runs' results, the learning curves at `curves_k`)."""
+    accuracy: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in ks} for m in modes}
+    runs: list[dict[str, Any]] = []
+    histories: dict[str, list[dict[str, float]]] = {}
+    with open(run / "runs.csv", "w", newline="") as f:
+        csv.writer(f).writerow(RUN_COLUMNS)
+    for k in ks:
+        for seed in seeds:
+            for mode in modes:
+                curves = k == curves_k and seed == seeds[0]
+                learn, r = target_run(tgt, mode, k, seed, **train, progress=False,
+                                      csv_path=run / f"curves_{mode}.csv" if curves else None, log=None)
+                if curves:
+                    histories[MODE_LABELS[mode]] = learn.curves.history
+                    if mode == modes[-1]:
+                        plot_test_predictions(learn, tgt, train["size"], train["mean"], train["std"], train["n_in"],
+                                              run / "predictions.png",
+                                              title=f"{mode}, k={k}: target test predictions (red = wrong)")
+                del learn
+                runs.append(r)
+                accuracy[mode][str(k)].append(r["test_accuracy"])
+                with open(run / "runs.csv", "a", newline="") as f:
+                    csv.writer(f).writerow([f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in RUN_COLUMNS])
+                write_json(run / "label_efficiency.json", accuracy)
+                log(f"k={k:<4} seed={seed} {mode:<10} test accuracy {r['test_accuracy']:.4f}  "
+                    f"train {r['train_seconds']:.1f}s")
+    return accuracy, runs, histories
+
+
+def _study_markdown(config: dict[str, Any], tgt: TargetTask, table: str, timing: dict[str, Any],
+                    body_info: dict[str, Any] | None, device_name: Any) -> str:
+    """label_efficiency.md: the accuracy table, where the weights came from, the settings and the timings."""
+    ks, modes, mean, std = config["ks"], config["modes"], config["normalize"]["mean"], config["normalize"]["std"]
     time_rows = [dict(mode=m, **{f"k={k}": timing["train_seconds"][m][str(k)] for k in ks},
                       total=timing["total_train_seconds"][m]) for m in modes]
     lines = [f"# Label efficiency: {tgt.description}", "",
-             f"Test accuracy on {len(tgt.y_test):,} unseen target images (mean ± std over seeds {seeds}, n runs).",
-             "", table, "",
-             f"Weights: {describe_body(body_info) if body_info else weights}.", "",
-             f"Every mode: {epochs} epochs, batch {bs}, lr {lr:g}, torch AdamW, the same inputs (normalised with "
-             f"mean {mean:.4g}, std {std:.4g}); finetune = fine_tune(lr_mult={lr_mult:g}); BatchNorm statistics "
-             + ("recalibrated on the training images before testing." if recalibrate else "as training left them."),
+             f"Test accuracy on {len(tgt.y_test):,} unseen target images (mean ± std over seeds {config['seeds']}, "
+             "n runs).", "", table, "",
+             f"Weights: {describe_body(body_info) if body_info else config['weights']}.", "",
+             f"Every mode: {config['epochs']} epochs, batch {config['bs']}, lr {config['lr']:g}, torch AdamW, the "
+             f"same inputs (normalised with mean {mean:.4g}, std {std:.4g}); finetune = "
+             f"fine_tune(lr_mult={config['lr_mult']:g}); BatchNorm statistics "
+             + ("recalibrated on the training images before testing." if config["recalibrate_bn"]
+                else "as training left them."),
              "",
-             f"Training seconds per run (median over seeds), device {env.get('device_name', dev)}, load average "
+             f"Training seconds per run (median over seeds), device {device_name}, load average "
              f"{config['load_average']} at the start and {_load()} at the end:", "",
              markdown_table(time_rows, ["mode", *[f"k={k}" for k in ks], "total"]), ""]
     if "train_bn_cost" in timing:
@@ -369,12 +417,6 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     if body_info is not None:
         lines += [f"Pretraining: {body_info['seconds']:.1f} s"
                   + (" (cached from an earlier run)" if body_info["cached"] else " (in this run)") + ".", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
-    (run / "label_efficiency.md").write_text("\n".join(lines))
-    summary = dict(run_dir=str(run), config=config, accuracy=accuracy, table=rows, timing=timing, load_average=_load(),
-                   body=body_info, runs=runs, device=str(dev), device_name=env.get("device_name"), precision=prec,
-                   seconds=time.perf_counter() - t0)
-    write_json(run / "summary.json", summary)
-    log("\n" + table + f"\n\nrun folder: {run}")
-    return summary
+    if config["command"]:
+        lines += [f"Command: `{config['command']}`", ""]
+    return "\n".join(lines)

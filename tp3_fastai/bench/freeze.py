@@ -155,27 +155,11 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
     cfg = resolve_config(quick, arch=arch, size=size, bs=bs, steps=steps, repeats=repeats, warmup=warmup,
                          jpeg_images=jpeg_images, epoch_images=epoch_images, overhead_modes=overhead_modes,
                          pipeline_modes=pipeline_modes)
-    overhead_modes, pipeline_modes = cfg.pop("overhead_modes"), cfg.pop("pipeline_modes")
     arch, size, bs, steps, repeats, warmup = (cfg[k] for k in ("arch", "size", "bs", "steps", "repeats", "warmup"))
-    from ..transfer import check_arch
-
-    check_arch(arch)
-    modes = _split_opt(modes, FREEZE_MODES, "benchmark mode")
-    precisions = _split_opt(precisions, LEVER_PRECISIONS, "precision")
-    formats = _split_opt(formats, MEMORY_FORMATS, "memory format")
-    overhead_modes = _split_opt(overhead_modes, FREEZE_MODES, "overhead mode") if overhead else []
-    pipeline_modes = _split_opt(pipeline_modes, ("unfrozen", "frozen_train_bn", "frozen"), "pipeline mode") \
-        if pipeline else []
-    from ..pipeline import PIPELINES
-
-    pipelines = _split_opt(pipelines, PIPELINES, "pipeline") if pipeline_modes else []
-    if pipeline_modes and not pipelines:
-        raise ValueError(f"the pipeline comparison needs at least one pipeline ({', '.join(PIPELINES)})")
-    if not modes or not precisions or not formats:
-        raise ValueError("modes, precisions and formats each need at least one value")
-    if lr <= 0 or epochs_estimate <= 0 or n_classes < 2:
-        raise ValueError(f"lr and epochs_estimate must be positive and n_classes >= 2, got lr={lr}, "
-                         f"epochs_estimate={epochs_estimate}, n_classes={n_classes}")
+    overhead_modes, pipeline_modes = cfg.pop("overhead_modes"), cfg.pop("pipeline_modes")
+    modes, precisions, formats, overhead_modes, pipeline_modes, pipelines = _check_options(
+        arch, modes, precisions, formats, overhead_modes if overhead else "", pipeline_modes if pipeline else "",
+        pipelines, lr, epochs_estimate, n_classes)
     dev = pick_device(device)
     cudnn_opts = _cudnn_options(dev, cudnn_benchmark)
     loop_precision = resolve_precision("auto", dev)  # what users train with: fp16 AMP on CUDA, fp32 on CPU
@@ -197,55 +181,17 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
         log(f"bench_freeze: {arch}, {size} px, batch {bs} on {device_name(dev)}; load average "
             f"{config['load_average_start']}; run folder {run}")
 
-    pipe_dls: dict[str, Any] = {}
-    if pipeline_modes:
-        folder = jpeg_folder(cache_dir, cfg["jpeg_images"], px=round(size * 1.75)) if data == "jpeg" else data
-        from ..image_data import image_dls
-
-        kw = {} if num_workers is None else dict(num_workers=num_workers)
-        for p in pipelines:  # the same folder, split and augmentation through each input pipeline
-            pipe_dls[p] = image_dls(folder, size=size, bs=bs, seed=seed, aug=pipeline_aug, device=dev,
-                                    cache_dir=cache_dir, pipeline=p, **kw)
+    pipe_dls = _pipeline_dls(pipelines, data, cache_dir, cfg["jpeg_images"], size, bs, seed, pipeline_aug, dev,
+                             num_workers) if pipeline_modes else {}
+    if pipe_dls:
         n_classes = next(iter(pipe_dls.values())).c
     batches = synthetic_batches(4, bs, size, n_classes, dev, seed)
     syn_dls = DataLoaders(BatchLoader(batches, 1), BatchLoader([], 0), device=dev)
     syn_dls.c = n_classes
-
-    # modes x levers, plain loop on the synthetic batches
-    base = {m: mode_learner(syn_dls, arch, m, seed).model.to(dev) for m in modes}
-    if "unfrozen" not in base:
-        base["unfrozen"] = mode_learner(syn_dls, arch, "unfrozen", seed).model.to(dev)
-    baseline_key = ("unfrozen", "fp32", "contiguous", False, cudnn_opts[0] if dev.type != "cuda" else False)
-    cells = [baseline_key] + [(m, p, f, c, b) for m in modes for p in precisions for f in formats
-                              for c in ([False, True] if compile else [False]) for b in cudnn_opts]
-    cells = list(dict.fromkeys(cells))
-    grid = []
-    for i, (m, p, f, c, b) in enumerate(cells):
-        row = measure_cell(base, m, batches, dev, p, f, c, b, max(warmup, 3) if c else warmup, steps, repeats,
-                           bs, lr)
-        row["baseline"] = i == 0
-        grid.append(row)
-        if log:
-            what = (f"{row['images_per_s']:9.1f} images/s, {row['step_ms']['median']:8.2f} ms/step "
-                    f"[{row['step_ms']['min']:.2f}-{row['step_ms']['max']:.2f}]") if row["status"] == "ok" \
-                else row["status"]
-            log(f"  {_cell_label(row):<48} {what}  load {load_average()[0] if load_average() else '?'}")
-    del base
-    free_device_memory(dev)
+    grid = _measure_grid(syn_dls, arch, modes, precisions, formats, compile, cudnn_opts, batches, dev, seed, warmup,
+                         steps, repeats, bs, lr, log)
     base_row = grid[0]
-    if base_row["status"] != "ok":
-        raise RuntimeError(f"the unfrozen fp32 baseline did not run: {base_row['status']}")
-    n_img, n_ep = cfg["epoch_images"], epochs_estimate
-    for row in grid:
-        if row["status"] != "ok":
-            continue
-        row["speedup_vs_baseline"] = row["images_per_s"] / base_row["images_per_s"]
-        row["epoch_s"] = n_img / row["images_per_s"]
-        row["estimate_s"] = n_ep * row["epoch_s"]
-        if row["mode"] == "precomputed":
-            row["cache_s"] = n_img / row["cache_images_per_s"]
-            row["estimate_s"] += row["cache_s"]
-
+    _add_estimates(grid, cfg["epoch_images"], epochs_estimate)
     overhead_rows = bench_overhead(syn_dls, arch, overhead_modes, batches, dev, loop_precision, seed, warmup, steps,
                                    repeats, bs, lr, count_reads, log=log) if overhead_modes else []
     pipe = bench_pipeline(pipe_dls, syn_dls, arch, pipeline_modes, dev, loop_precision, seed, warmup, steps,
@@ -253,7 +199,8 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
     result = dict(config=config, env=env, device=str(dev), device_name=device_name(dev), arch=arch, size=size, bs=bs,
                   baseline=dict(mode="unfrozen", precision="fp32", memory_format="contiguous",
                                 images_per_s=base_row["images_per_s"], step_ms=base_row["step_ms"]),
-                  grid=grid, epoch_images=n_img, epochs_estimate=n_ep, overhead=overhead_rows, pipeline=pipe,
+                  grid=grid, epoch_images=cfg["epoch_images"], epochs_estimate=epochs_estimate,
+                  overhead=overhead_rows, pipeline=pipe,
                   memory_note=None if dev.type == "cuda" else CPU_MEMORY_NOTE,
                   timing=("median of `repeats` groups of `steps` steps after `warmup` untimed steps; device "
                           "synchronised at group edges only; synthetic batches are the same seeded tensors for "
@@ -267,3 +214,82 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
     if log:
         log("\n" + md + f"\nrun folder: {run} ({result['seconds']:.0f}s)")
     return result
+
+
+def _check_options(arch: str, modes: str, precisions: str, formats: str, overhead_modes: str, pipeline_modes: str,
+                   pipelines: str, lr: float, epochs_estimate: int, n_classes: int) -> tuple[list[str], ...]:
+    """The bench's comma-separated options as checked lists (modes, precisions, formats, overhead modes, pipeline
+    modes, pipelines; empty strings give empty lists), before anything is measured; else a ValueError."""
+    from ..pipeline import PIPELINES
+    from ..transfer import check_arch
+
+    check_arch(arch)
+    modes = _split_opt(modes, FREEZE_MODES, "benchmark mode")
+    precisions = _split_opt(precisions, LEVER_PRECISIONS, "precision")
+    formats = _split_opt(formats, MEMORY_FORMATS, "memory format")
+    overhead_modes = _split_opt(overhead_modes, FREEZE_MODES, "overhead mode") if overhead_modes else []
+    pipeline_modes = _split_opt(pipeline_modes, ("unfrozen", "frozen_train_bn", "frozen"), "pipeline mode") \
+        if pipeline_modes else []
+    pipelines = _split_opt(pipelines, PIPELINES, "pipeline") if pipeline_modes else []
+    if pipeline_modes and not pipelines:
+        raise ValueError(f"the pipeline comparison needs at least one pipeline ({', '.join(PIPELINES)})")
+    if not modes or not precisions or not formats:
+        raise ValueError("modes, precisions and formats each need at least one value")
+    if lr <= 0 or epochs_estimate <= 0 or n_classes < 2:
+        raise ValueError(f"lr and epochs_estimate must be positive and n_classes >= 2, got lr={lr}, "
+                         f"epochs_estimate={epochs_estimate}, n_classes={n_classes}")
+    return modes, precisions, formats, overhead_modes, pipeline_modes, pipelines
+
+
+def _pipeline_dls(pipelines: list[str], data: str, cache_dir: Any, jpeg_images: int, size: int, bs: int, seed: int,
+                  aug: str, dev: torch.device, num_workers: int | None) -> dict[str, Any]:
+    """The same folder, split and augmentation through each input pipeline: {pipeline: DataLoaders}."""
+    from ..image_data import image_dls
+
+    folder = jpeg_folder(cache_dir, jpeg_images, px=round(size * 1.75)) if data == "jpeg" else data
+    kw = {} if num_workers is None else dict(num_workers=num_workers)
+    return {p: image_dls(folder, size=size, bs=bs, seed=seed, aug=aug, device=dev, cache_dir=cache_dir, pipeline=p,
+                         **kw) for p in pipelines}
+
+
+def _measure_grid(syn_dls: Any, arch: str, modes: list[str], precisions: list[str], formats: list[str],
+                  compile: bool, cudnn_opts: list[bool], batches: list, dev: torch.device, seed: int, warmup: int,
+                  steps: int, repeats: int, bs: int, lr: float, log: Any) -> list[dict[str, Any]]:
+    """Modes x levers, the plain loop on the synthetic batches; the first row is the unfrozen fp32 contiguous
+    baseline (a RuntimeError if it could not run)."""
+    base = {m: mode_learner(syn_dls, arch, m, seed).model.to(dev) for m in modes}
+    if "unfrozen" not in base:
+        base["unfrozen"] = mode_learner(syn_dls, arch, "unfrozen", seed).model.to(dev)
+    baseline_key = ("unfrozen", "fp32", "contiguous", False, cudnn_opts[0] if dev.type != "cuda" else False)
+    cells = [baseline_key] + [(m, p, f, c, b) for m in modes for p in precisions for f in formats
+                              for c in ([False, True] if compile else [False]) for b in cudnn_opts]
+    grid = []
+    for i, (m, p, f, c, b) in enumerate(dict.fromkeys(cells)):
+        row = measure_cell(base, m, batches, dev, p, f, c, b, max(warmup, 3) if c else warmup, steps, repeats,
+                           bs, lr)
+        row["baseline"] = i == 0
+        grid.append(row)
+        if log:
+            what = (f"{row['images_per_s']:9.1f} images/s, {row['step_ms']['median']:8.2f} ms/step "
+                    f"[{row['step_ms']['min']:.2f}-{row['step_ms']['max']:.2f}]") if row["status"] == "ok" \
+                else row["status"]
+            log(f"  {_cell_label(row):<48} {what}  load {load_average()[0] if load_average() else '?'}")
+    del base
+    free_device_memory(dev)
+    if grid[0]["status"] != "ok":
+        raise RuntimeError(f"the unfrozen fp32 baseline did not run: {grid[0]['status']}")
+    return grid
+
+
+def _add_estimates(grid: list[dict[str, Any]], n_img: int, n_ep: int) -> None:
+    """Each measured cell's ratio to the baseline (the first row) and its epoch / `n_ep`-epoch estimates for
+    `n_img` images (precomputed: plus its one-off cache pass)."""
+    for row in grid:
+        if row["status"] != "ok":
+            continue
+        row["speedup_vs_baseline"] = row["images_per_s"] / grid[0]["images_per_s"]
+        row["epoch_s"] = n_img / row["images_per_s"]
+        row["estimate_s"] = n_ep * row["epoch_s"]
+        if row["mode"] == "precomputed":
+            row["cache_s"] = n_img / row["cache_images_per_s"]
+            row["estimate_s"] += row["cache_s"]
