@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from torch import nn
 from tp3_fastai.bench import (FREEZE_MODES, LOOPS, BatchLoader, HostReadCounter, LearnerLoop, PlainLoop,
                               lever_skip_reason, mode_learner, resolve_config, spread,
                               synthetic_batches, trainable_names, tune_learner)
+from tp3_fastai.cli import main as tp3
 from tp3_fastai.fastloop import is_tuned
 from tp3_fastai.features import feature_split
 from tp3_fastai.learners import Learner
@@ -273,13 +272,14 @@ def test_mnist_loop_benchmark_keeps_its_result():
     assert f"ratio {r['ratio']:.3f}x" in lines[0] and f"{acc['plain']:.4f}" in lines[0]
 
 
-def test_script_help_and_errors():
+def test_script_help_and_errors(tmp_path, capsys):
     from fastcore.script import anno_parser
 
     help_text = anno_parser(_script("bench_freeze").bench_freeze).format_help()
     for flag in ("--quick", "--compile", "--arch", "--precisions", "--formats", "--cudnn-benchmark", "--threads"):
         assert flag in help_text
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_freeze.py"), "--modes", "frozn",
-                          "--quick", "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown benchmark mode 'frozn'")
-    assert len(bad.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as bad:  # the script's command function, in this process
+        tp3(["bench", "--modes", "frozn", "--quick", "--device", "cpu", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert bad.value.code == 2 and err.startswith("error: unknown benchmark mode 'frozn'")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tp3_fastai.cli import main as tp3
 from tp3_fastai.curves import COLUMNS, read_curves
 from tp3_fastai.data import mnist_dls
 from tp3_fastai.device import resolve_precision
@@ -88,11 +89,13 @@ def test_fp16_on_cpu_is_refused_up_front(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_script_runs_without_progress_flood_and_reports_bad_input(tmp_path):
+def test_script_runs_without_progress_flood_and_reports_bad_input(tmp_path, capsys):
     cmd = [sys.executable, str(ROOT / "scripts" / "train_mnist.py"), "--archs", "mlp", "--epochs", "1",
            "--out", str(tmp_path / "r")]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     assert "mlp epoch 1/1" in p.stdout and "| mlp | 39,760 | 1 |" in p.stdout and "\r" not in p.stdout
-    bad = subprocess.run(cmd[:2] + ["--archs", "resnet"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: unknown MNIST architecture 'resnet'")
+    with pytest.raises(SystemExit) as bad:  # the script's command function, in this process (no second start-up)
+        tp3(["mnist", "--archs", "resnet", "--out", str(tmp_path / "bad")])
+    assert bad.value.code == 2 and capsys.readouterr().err.startswith("error: unknown MNIST architecture 'resnet'")
+    assert not (tmp_path / "bad").exists()

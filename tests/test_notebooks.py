@@ -16,7 +16,8 @@ def test_there_are_notebooks_to_run():
 
 # Smaller runs for the suite, injected after the notebook's "parameters" cell as papermill does: every cell still
 # runs, on less work (the functions behind them are tested at full size in their own test modules)
-SMALLER = {"02": "KS = (5,)\nSIZE = 32"}
+SMALLER = {"00": "MNIST_EPOCHS = 1\nPRETRAIN_EPOCHS = 1",
+           "02": "KS = (5,)\nSIZE = 32\nTARGET_EPOCHS = 5\nPRETRAIN_EPOCHS = 1"}
 
 
 def with_parameters(nb: nbformat.NotebookNode, source: str) -> nbformat.NotebookNode:
