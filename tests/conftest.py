@@ -27,6 +27,9 @@ def pytest_addoption(parser) -> None:
     parser.addoption("--device", default="cpu", choices=("cpu", "cuda"),
                      help="cpu (default): run as on a machine without a GPU, GPU or not; cuda: device-dependent tests "
                           "(everything that trains with device 'auto') run on the GPU")
+    parser.addoption("--launches", type=int, default=0,
+                     help="run the 2-process MNIST launch of tests/test_distributed.py this many times in a row "
+                          "(0, the default: not at all)")
 
 
 def pytest_configure(config) -> None:

@@ -4,6 +4,7 @@ settings."""
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,17 +104,40 @@ models.MODELS["cnn"] = lambda: models.SmallCNN(dropout=0.0)
 """
 
 
+def _local_port_opens() -> bool:
+    """Whether this machine lets a process listen on a local TCP port (what torchrun's rendezvous needs)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+        return True
+    except OSError:
+        return False
+
+
 def _launch(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    if not _local_port_opens():
+        pytest.skip("this machine cannot open a local TCP port, which a launch of 2 processes needs")
     cwd.mkdir()
     return subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(p: subprocess.Popen, what: str) -> str:
+    """The launch's stdout; it must exit 0 with nothing on stderr but warnings."""
     stdout, stderr = p.communicate(timeout=600)
-    if p.returncode != 0 and "Traceback" not in stderr and "rendezvous" in stderr.lower():
-        pytest.skip(f"{what} could not start 2 processes on this machine: {stderr.strip()[-300:]}")
-    assert p.returncode == 0, f"{what} failed:\n{stderr[-3000:]}"
+    assert p.returncode == 0, f"{what} failed (exit {p.returncode}):\n{stderr[-3000:]}"
+    assert not _not_warnings(stderr), f"{what} wrote to stderr:\n{stderr[-3000:]}"
     return stdout
+
+
+def _not_warnings(stderr: str) -> list[str]:
+    """stderr's lines other than Python warnings (a warning line and the source line printed under it)."""
+    lines, out = stderr.splitlines(), []
+    for i, line in enumerate(lines):
+        if "Warning" in line or (i and "Warning" in lines[i - 1] and line.startswith("  ")) or not line.strip():
+            continue
+        out.append(line)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +247,87 @@ def test_result_matches_a_single_process_run(runs):
     assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=TOLERANCE)
     assert b["valid_accuracy"] == pytest.approx(a["valid_accuracy"], abs=TOLERANCE)
     assert b["test_accuracy"] > 0.85
+
+
+THREADS_PROBE = """
+import json, os
+import torch
+from tp3_fastai.data import mnist_dls
+from tp3_fastai.distributed import (close_distributed, distributed_context, gather_object, launch_config, rank,
+                                    setup_distributed)
+from tp3_fastai.learners import mnist_learner
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+before = threads()
+setup_distributed(torch.device("cpu"), launch_config())
+dls, _ = mnist_dls(bs=64, device="cpu")
+learn = mnist_learner(dls, "cnn", progress=False, log=None, path=".")
+with distributed_context(learn):
+    learn.fit(1, 1e-3)
+gather_object(rank())  # a collective whose tensors Python lets go of at once: a worker thread frees them
+during, me = threads(), rank()
+close_distributed()
+with open(f"threads{me}.json", "w") as f:
+    json.dump(dict(rank=me, before=before, during=during, after=threads()), f)
+"""
+
+
+def test_leaving_the_group_joins_its_threads_before_the_interpreter_shuts_down(tmp_path):
+    """The cause of aborts at exit ("terminate called without an active exception"): gloo's worker threads still ran
+    during interpreter shutdown and one released a finished collective's tensors without the GIL. After
+    close_distributed, every thread the group started is gone, so nothing of it can outlive the interpreter."""
+    pytest.importorskip("accelerate", reason="distributed training needs accelerate (pip install accelerate)")
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counting a process's threads needs /proc (Linux)")
+    probe = tmp_path / "threads_probe.py"
+    probe.write_text(THREADS_PROBE)
+    p = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe)],
+                tmp_path / "run")
+    _finish(p, "torchrun")
+    counts = [json.loads((tmp_path / "run" / f"threads{r}.json").read_text()) for r in range(2)]
+    assert [c["rank"] for c in counts] == [0, 1]
+    for c in counts:
+        assert c["during"] > c["before"]  # the group's worker threads ran
+        assert c["after"] == c["before"], c  # and were joined when the process left the group
+
+
+FAILING_RANK = """
+import torch
+from tp3_fastai.distributed import gather_object, launch_config, rank, setup_distributed
+
+setup_distributed(torch.device("cpu"), launch_config())
+gather_object(rank())
+if rank() == 1:
+    raise RuntimeError("rank 1 fails on purpose")
+"""
+
+
+def test_a_failing_rank_fails_the_launch_at_once(tmp_path):
+    """A rank that fails does not wait at the exit barrier for the others: the launch ends with an error, quickly."""
+    probe = tmp_path / "failing.py"
+    probe.write_text(FAILING_RANK)
+    p = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe)],
+                tmp_path / "run")
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode != 0 and "rank 1 fails on purpose" in stderr
+
+
+def test_the_mnist_launch_exits_cleanly_again_and_again(tmp_path, request):
+    """On demand (`--launches N`, e.g. `pytest tests/test_device.py tests/test_distributed.py --launches 30`): the
+    `runs` fixture's two-process launch N times in a row in this pytest process, after the modules before it; every
+    launch exits 0 with nothing on stderr but warnings and a complete run folder."""
+    n = request.config.getoption("--launches")
+    if not n:
+        pytest.skip("runs only on demand: --launches N")
+    wrapper = launcher(tmp_path / "train_mnist_probed.py", SCRIPT, "RankWork", tmp_path / "probes", before=NO_DROPOUT)
+    for i in range(n):
+        p = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     str(wrapper), *ARGS, "--out", "r"], tmp_path / f"launch{i}")
+        _finish(p, f"launch {i + 1} of {n}")
+        assert {f.name for f in (tmp_path / f"launch{i}" / "r").iterdir()} == {
+            "config.json", "summary.json", "summary.md", "curves.png", "metrics_cnn.csv", "checkpoints"}
 
 
 ACCELERATE_PROBE = """

@@ -16,17 +16,24 @@ warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=Fu
 
 
 def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line on stderr and exit 2."""
+    """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line on stderr and exit 2.
+    Launched on several processes, each leaves the process group when `fn` ends: after the others on success
+    (distributed.close_distributed), at once on failure."""
+    from .distributed import close_distributed
     from .download import DownloadError
 
     try:
-        return fn(**kwargs)
+        result = fn(**kwargs)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, DownloadError) as e:
+        close_distributed(wait=False)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        close_distributed(wait=False)
         print("interrupted: what finished so far is in the run folder", file=sys.stderr)
         raise SystemExit(130) from None
+    close_distributed(wait=True)
+    return result
 
 
 def split_list(s: str) -> list[str]:

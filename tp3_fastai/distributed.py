@@ -12,7 +12,10 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT). The pieces here, in the order a command u
   loader; metrics recorded by `curves.CurvesCallback` and fastai's Recorder are gathered over the processes;
 * `rank()`, `world_size()`, `is_main_process()`, `main_only(log)`, `broadcast_object()`, `gather_object()`:
   only rank 0 writes files and prints, and the ranks agree on names and compare results;
-* `as_single_process()`: rank 0 alone predicts, plots or exports after training, fastai gathering nothing.
+* `as_single_process()`: rank 0 alone predicts, plots or exports after training, fastai gathering nothing;
+* `close_distributed()`: every rank waits until all are done (rank 0 has written everything), then the group is
+  destroyed and its worker threads joined; the `tp3` commands call it when they end, and an exit hook calls it for
+  code that does not.
 
 In a single process (no launcher, or WORLD_SIZE=1) every one of them is a no-op, so the same code runs
 unchanged with and without a launcher.
@@ -22,12 +25,19 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists, on purpose: torch.distributed.nn.functional takes `group.WORLD` as a
+# default argument of ten functions, evaluated at its first import, which DistributedDataParallel triggers. Imported
+# after the group is made, it holds the group forever: destroying it then leaves gloo's worker threads running into
+# interpreter shutdown, where a worker releasing a finished collective's tensors needs the GIL, and the process
+# aborts ("terminate called without an active exception").
+import torch.distributed.nn  # noqa: F401
 
 T = TypeVar("T")
 
@@ -81,7 +91,8 @@ def setup_distributed(device: torch.device, launch: LaunchConfig | None = None) 
     if not dist.is_initialized():
         dist.init_process_group(backend=backend_for(device), init_method="env://",
                                 world_size=launch.world_size, rank=launch.rank)
-        atexit.register(_teardown)
+        _watch_for_failure()
+        atexit.register(_close_at_exit)
     return device
 
 
@@ -96,9 +107,39 @@ def join_launch(bs: int, device: torch.device, launch: LaunchConfig | None = Non
     return dev, is_main_process(), world_size()
 
 
-def _teardown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def close_distributed(wait: bool = True) -> None:
+    """Leave the launch's process group (a no-op without one).
+
+    `wait`: first wait at a barrier until every rank gets here, so that no rank leaves while another still needs it
+    for a collective or while rank 0 still writes the run folder (torchrun stops every process as soon as one ends
+    badly). Without `wait`, for a rank that failed: leave at once. The group is then destroyed, which joins its worker
+    threads while the interpreter is whole (see the import of torch.distributed.nn above).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+_failed = False
+
+
+def _watch_for_failure() -> None:
+    """Note an uncaught exception (sys.excepthook runs before exit hooks), so that a failing rank does not wait at
+    the exit barrier for ranks that will never get there."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        global _failed
+        _failed = True
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def _close_at_exit() -> None:
+    close_distributed(wait=not _failed)
 
 
 def world_size() -> int:
