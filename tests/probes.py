@@ -64,7 +64,7 @@ class Probe(Callback):
 
     def after_fit(self) -> None:
         if self.out is not None:
-            from tp3_fastai.distributed import rank
+            from tp3_fastai.train.distributed import rank
 
             torch.save(type(self).records, Path(self.out) / f"rank{rank()}.pt")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from tp3_fastai.architectures import (ARCHITECTURES, architecture_rows, architecture_table, build_architecture,
+from tp3_fastai.review.architectures import (ARCHITECTURES, architecture_rows, architecture_table, build_architecture,
                                       maxpool_kernel_rows, plot_architectures, recurrence, stage_nodes)
 from tp3_fastai.receptive_field import measure_receptive_field, receptive_fields
 

@@ -18,9 +18,9 @@ from tp3_fastai.bench import (FREEZE_MODES, LOOPS, BatchLoader, HostReadCounter,
                               lever_skip_reason, mode_learner, resolve_config, spread,
                               synthetic_batches, trainable_names, tune_learner)
 from tp3_fastai.cli import main as tp3
-from tp3_fastai.fastloop import is_tuned
-from tp3_fastai.features import feature_split
-from tp3_fastai.learners import Learner
+from tp3_fastai.train.loop import is_tuned
+from tp3_fastai.transfer.features import feature_split
+from tp3_fastai.train.loop import Learner
 from figures import assert_series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,9 +157,9 @@ def test_package_loop_trains_like_fastais_stock_loop_and_reads_the_host_less(syn
 
 def test_package_learner_still_exports_and_predicts(tmp_path):
     """The lean loop changes classes and callbacks of every resnet_learner: export and predict must keep working."""
-    from tp3_fastai.finetune import export_learner, predict, valid_predictions
-    from tp3_fastai.image_data import image_dls
-    from tp3_fastai.transfer import resnet_learner
+    from tp3_fastai.transfer.finetune import export_learner, predict, valid_predictions
+    from tp3_fastai.data.images import image_dls
+    from tp3_fastai.transfer.learner import resnet_learner
 
     dls = image_dls("lfw", size=32, bs=16, aug="default", cache_dir=tmp_path / "cache")
     learn = resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path)

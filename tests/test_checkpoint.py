@@ -14,13 +14,13 @@ from fastai.data.core import DataLoaders
 from fastai.optimizer import Adam as FastaiAdam
 from fastai.optimizer import OptimWrapper
 
-from tp3_fastai.checkpoint import atomic_torch_save, load_checkpoint, place_optimizer_state, save_checkpoint
+from tp3_fastai.train.checkpoint import atomic_torch_save, load_checkpoint, place_optimizer_state, save_checkpoint
 from tp3_fastai.cli import main as tp3
-from tp3_fastai.curves import read_curves
-from tp3_fastai.data import TensorLoader, mnist_dls
-from tp3_fastai.learners import mnist_learner
-from tp3_fastai.mnist import train_mnist
-from tp3_fastai.optimizer import TorchOptimizer, default_opt_func
+from tp3_fastai.train.curves import read_curves
+from tp3_fastai.data.mnist import TensorLoader, mnist_dls
+from tp3_fastai.mnist.learner import mnist_learner
+from tp3_fastai.mnist.train import train_mnist
+from tp3_fastai.train.optimizer import TorchOptimizer, default_opt_func
 from conftest import run_then_kill
 from probes import FirstStepState, assert_same_state, installed
 

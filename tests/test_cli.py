@@ -62,9 +62,9 @@ def test_no_command_prints_the_usage_and_a_command_help_lists_its_options(capsys
 @pytest.fixture(scope="module")
 def model(cache, tmp_path_factory):
     """A small learner trained here, its predictions on the validation images, and its export."""
-    from tp3_fastai.finetune import export_learner, valid_predictions
-    from tp3_fastai.image_data import image_dls
-    from tp3_fastai.transfer import resnet_learner
+    from tp3_fastai.transfer.finetune import export_learner, valid_predictions
+    from tp3_fastai.data.images import image_dls
+    from tp3_fastai.transfer.learner import resnet_learner
 
     tmp = tmp_path_factory.mktemp("model")
     dls = image_dls("lfw", size=32, bs=32, aug="none", cache_dir=cache)

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from tp3_fastai import data
-from tp3_fastai.data import DownloadError, TensorLoader, load_mnist, mnist_dls, stratified_split
+from tp3_fastai.data import mnist as data
+from tp3_fastai.data.mnist import DownloadError, TensorLoader, load_mnist, mnist_dls, stratified_split
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@ simulated on the CPU by replacing what torch.cuda reports)."""
 import pytest
 import torch
 
-from tp3_fastai.device import parse_memory_format, resolve_channels_last, resolve_precision
-from tp3_fastai.learners import mnist_learner
-from tp3_fastai.data import mnist_dls
+from tp3_fastai.core.device import parse_memory_format, resolve_channels_last, resolve_precision
+from tp3_fastai.mnist.learner import mnist_learner
+from tp3_fastai.data.mnist import mnist_dls
 
 CUDA = torch.device("cuda")
 
@@ -33,7 +33,7 @@ def test_learners_record_the_memory_format_they_train_in():
     dls, _ = mnist_dls(bs=256)
     learn = mnist_learner(dls, "cnn", progress=False, log=None)
     assert learn.memory_format == "contiguous" and not any(isinstance(cb, ChannelsLast) for cb in learn.cbs)
-    from tp3_fastai.learners import setup_learner
+    from tp3_fastai.train.learner import setup_learner
 
     learn = setup_learner(mnist_learner(dls, "cnn", progress=False, log=None), channels_last=True, progress=False,
                           log=None)

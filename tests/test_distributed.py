@@ -14,10 +14,10 @@ import torch
 from fastai.data.core import DataLoaders
 from torch import nn
 
-from tp3_fastai.data import TensorLoader, load_mnist
-from tp3_fastai.distributed import (LaunchConfig, digest, distributed_context, gather_object, is_main_process,
+from tp3_fastai.data.mnist import TensorLoader, load_mnist
+from tp3_fastai.train.distributed import (LaunchConfig, digest, distributed_context, gather_object, is_main_process,
                                     launch_config, main_only, rank, setup_distributed, world_size)
-from tp3_fastai.learners import mnist_learner
+from tp3_fastai.mnist.learner import mnist_learner
 from probes import launcher, rank_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def _env() -> dict:
 # scripts/train_mnist.py with the CNN's dropout off (then a 2-process run must equal a single process up to float
 # rounding, see TOLERANCE), launched with a probe that records what each rank trained on (tests/probes.py)
 NO_DROPOUT = """
-from tp3_fastai import models
+from tp3_fastai.mnist import models
 models.MODELS["cnn"] = lambda: models.SmallCNN(dropout=0.0)
 """
 
@@ -151,8 +151,8 @@ def runs(tmp_path_factory, monkeypatch_module):
     wrapper = launcher(base / "train_mnist_probed.py", SCRIPT, "RankWork", base / "probes", before=NO_DROPOUT)
     torchrun = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(wrapper), *ARGS, "--out", "r"], base / "two")
-    from tp3_fastai import models
-    from tp3_fastai.mnist import train_mnist
+    from tp3_fastai.mnist import models
+    from tp3_fastai.mnist.train import train_mnist
 
     monkeypatch_module.setitem(models.MODELS, "cnn", lambda: models.SmallCNN(dropout=0.0))
     threads = torch.get_num_threads()
@@ -231,8 +231,8 @@ def test_outputs_are_written_once_by_rank_0(runs):
 
 
 def test_checkpoint_of_a_distributed_run_loads_into_a_plain_model(runs, tmp_path):
-    from tp3_fastai.checkpoint import load_checkpoint
-    from tp3_fastai.data import mnist_dls
+    from tp3_fastai.train.checkpoint import load_checkpoint
+    from tp3_fastai.data.mnist import mnist_dls
 
     dls, _ = mnist_dls(bs=64)
     learn = mnist_learner(dls, "cnn", progress=False, log=None, path=tmp_path)
@@ -252,10 +252,10 @@ def test_result_matches_a_single_process_run(runs):
 THREADS_PROBE = """
 import json, os
 import torch
-from tp3_fastai.data import mnist_dls
-from tp3_fastai.distributed import (close_distributed, distributed_context, gather_object, launch_config, rank,
+from tp3_fastai.data.mnist import mnist_dls
+from tp3_fastai.train.distributed import (close_distributed, distributed_context, gather_object, launch_config, rank,
                                     setup_distributed)
-from tp3_fastai.learners import mnist_learner
+from tp3_fastai.mnist.learner import mnist_learner
 
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -295,7 +295,7 @@ def test_leaving_the_group_joins_its_threads_before_the_interpreter_shuts_down(t
 
 FAILING_RANK = """
 import torch
-from tp3_fastai.distributed import gather_object, launch_config, rank, setup_distributed
+from tp3_fastai.train.distributed import gather_object, launch_config, rank, setup_distributed
 
 setup_distributed(torch.device("cpu"), launch_config())
 gather_object(rank())
@@ -334,7 +334,7 @@ ACCELERATE_PROBE = """
 import json, os
 import torch
 from accelerate import Accelerator
-from tp3_fastai.distributed import gather_object, launch_config, rank, setup_distributed
+from tp3_fastai.train.distributed import gather_object, launch_config, rank, setup_distributed
 
 setup_distributed(torch.device("cpu"), launch_config())
 state = Accelerator(cpu=True).state  # what fastai's DistributedTrainer creates in distributed_context
@@ -382,7 +382,7 @@ def finetune_runs(tmp_path_factory):
     torchrun = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(ROOT / "scripts" / "finetune.py"), *FINETUNE_ARGS, "--cache-dir", str(cache), "--out", "r"],
                        base / "two")
-    from tp3_fastai.finetune import finetune_experiment
+    from tp3_fastai.transfer.finetune import finetune_experiment
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1)
@@ -437,8 +437,8 @@ def test_image_loader_shards_take_their_part_of_every_single_process_step(split,
     """A fastai image loader of bs/2 split over 2 ranks: step i of rank 0 then rank 1 is step i of one process with
     bs, epoch after epoch (fastai's own DistributedDL gives each rank a contiguous half of the epoch instead)."""
     pytest.importorskip("accelerate", reason="distributed training needs accelerate (pip install accelerate)")
-    from tp3_fastai.distributed import _trainer_classes
-    from tp3_fastai.image_data import image_dls, reseed
+    from tp3_fastai.train.distributed import _trainer_classes
+    from tp3_fastai.data.images import image_dls, reseed
 
     one = reseed(image_dls("lfw", size=16, bs=16, aug="none", cache_dir=tmp_path), 42)
     single = [[b[0].flatten(1).clone() for b in getattr(one, split)] for _ in range(2)]

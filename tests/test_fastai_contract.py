@@ -28,14 +28,14 @@ from fastai.interpret import ClassificationInterpretation  # noqa: E402
 from fastai.learner import Learner  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tp3_fastai.checkpoint import CheckpointCallback  # noqa: E402
-from tp3_fastai.data import mnist_dls  # noqa: E402
-from tp3_fastai.features import train_head_on_features  # noqa: E402
-from tp3_fastai.image_data import image_dls  # noqa: E402
-from tp3_fastai.label_efficiency import RecalibrateBN, target_run  # noqa: E402
-from tp3_fastai.learners import mnist_learner  # noqa: E402
-from tp3_fastai.tasks import mnist_tasks  # noqa: E402
-from tp3_fastai.transfer import resnet_learner  # noqa: E402
+from tp3_fastai.train.checkpoint import CheckpointCallback  # noqa: E402
+from tp3_fastai.data.mnist import mnist_dls  # noqa: E402
+from tp3_fastai.transfer.features import train_head_on_features  # noqa: E402
+from tp3_fastai.data.images import image_dls  # noqa: E402
+from tp3_fastai.transfer.label_efficiency import RecalibrateBN, target_run  # noqa: E402
+from tp3_fastai.mnist.learner import mnist_learner  # noqa: E402
+from tp3_fastai.data.tasks import mnist_tasks  # noqa: E402
+from tp3_fastai.transfer.learner import resnet_learner  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_ITEMS = 4  # new items per learner

@@ -9,9 +9,9 @@ from fastai.callback.training import ShortEpochCallback
 from fastai.torch_core import set_seed
 
 from tp3_fastai.bench.loops import HostReadCounter
-from tp3_fastai.data import TensorLoader, mnist_dls
-from tp3_fastai.fastloop import QuietMixedPrecision, fast_schedule, untune_learner
-from tp3_fastai.learners import mnist_learner
+from tp3_fastai.data.mnist import TensorLoader, mnist_dls
+from tp3_fastai.train.loop import QuietMixedPrecision, fast_schedule, untune_learner
+from tp3_fastai.mnist.learner import mnist_learner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -12,12 +12,12 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import Adam
 from torch import nn
 
-from tp3_fastai.curves import read_curves
-from tp3_fastai.data import TensorLoader
-from tp3_fastai.features import (FeatureFit, feature_learner, feature_split, plain_batches, precompute_features,
+from tp3_fastai.train.curves import read_curves
+from tp3_fastai.data.mnist import TensorLoader
+from tp3_fastai.transfer.features import (FeatureFit, feature_learner, feature_split, plain_batches, precompute_features,
                                  train_head_on_features, unaugmented_loader)
-from tp3_fastai.image_data import image_dls
-from tp3_fastai.transfer import resnet_learner, set_mode
+from tp3_fastai.data.images import image_dls
+from tp3_fastai.transfer.learner import resnet_learner, set_mode
 
 ARCH = "resnet18"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

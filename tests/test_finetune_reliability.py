@@ -16,10 +16,10 @@ import torch
 from fastai.callback.core import Callback
 
 from tp3_fastai.cli import main as tp3
-from tp3_fastai.curves import read_curves
-from tp3_fastai.finetune import finetune_experiment
-from tp3_fastai.image_data import image_dls
-from tp3_fastai.transfer import check_image_size, resnet_learner, train_mode
+from tp3_fastai.train.curves import read_curves
+from tp3_fastai.transfer.finetune import finetune_experiment
+from tp3_fastai.data.images import image_dls
+from tp3_fastai.transfer.learner import check_image_size, resnet_learner, train_mode
 from conftest import run_then_kill
 from probes import FirstStepState, assert_same_state, installed
 

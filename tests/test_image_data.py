@@ -10,9 +10,10 @@ import torch
 from fastai.data.transforms import Normalize
 from PIL import Image
 
-from tp3_fastai import image_data
-from tp3_fastai.data import DownloadError
-from tp3_fastai.image_data import (CropResize, folder_dls, image_dls, image_source, lfw_folder, parse_aug, reseed,
+from tp3_fastai.data import images as image_data
+from tp3_fastai.data.mnist import DownloadError
+from tp3_fastai.data.pipeline.pil import CropResize, RGBImage
+from tp3_fastai.data.images import (folder_dls, image_dls, image_source, lfw_folder, parse_aug, reseed,
                                    scan_folder, show_batch_png)
 from figures import image_area, pixels
 
@@ -229,14 +230,14 @@ def test_mixed_modes_load_as_rgb_and_bad_files_stop_before_training(tmp_path):
     good = folder_dls(tmp_path, size=32, bs=16, aug="none")
     assert good.info.skipped == [str(tmp_path / "train" / "face" / "notes.txt")]
     for kind, path in written.items():
-        assert image_data.RGBImage.create(path).mode == "RGB", kind
-    as_rgb = {k: np.asarray(image_data.RGBImage.create(written[k]))[..., 0] for k in ("L", "I;16")}
+        assert RGBImage.create(path).mode == "RGB", kind
+    as_rgb = {k: np.asarray(RGBImage.create(written[k]))[..., 0] for k in ("L", "I;16")}
     assert np.array_equal(as_rgb["L"], np.asarray(Image.open(written["L"])))
     # 16-bit grayscale is scaled to 8 bits (Pillow's own conversion would clip it to white)
     assert np.array_equal(as_rgb["I;16"], np.asarray(Image.open(written["I;16"])) // 257)
     x, y = good.one_batch()
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
-    from tp3_fastai.transfer import resnet_learner
+    from tp3_fastai.transfer.learner import resnet_learner
 
     learn = resnet_learner(good, "test_resnet", progress=False, log=None, path=tmp_path)
     learn.fit(1, 1e-3)  # one epoch over every mode

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tp3_fastai.layers import (COURSE_EXAMPLES, LayerExample, adaptive_windows, course_layer_facts, layer_facts,
+from tp3_fastai.review.layers import (COURSE_EXAMPLES, LayerExample, adaptive_windows, course_layer_facts, layer_facts,
                                layer_notes, output_size, rule_output_shape, weight_counts)
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tp3_fastai.cli import main as tp3
-from tp3_fastai.curves import COLUMNS, read_curves
-from tp3_fastai.data import mnist_dls
-from tp3_fastai.device import resolve_precision
-from tp3_fastai.learners import mnist_learner
-from tp3_fastai.mnist import train_mnist
+from tp3_fastai.train.curves import COLUMNS, read_curves
+from tp3_fastai.data.mnist import mnist_dls
+from tp3_fastai.core.device import resolve_precision
+from tp3_fastai.mnist.learner import mnist_learner
+from tp3_fastai.mnist.train import train_mnist
 from figures import assert_series
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from tp3_fastai.models import MLP, SmallCNN, count_params, create_model
+from tp3_fastai.mnist.models import MLP, SmallCNN, create_model
+from tp3_fastai.train.learner import count_params
 
 
 def test_mlp_p60_parameter_count_is_the_hand_computation():

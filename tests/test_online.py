@@ -30,12 +30,12 @@ from PIL import Image
 
 import offline_guard
 from conftest import write_mnist_folder
-from tp3_fastai.data import DownloadError, load_mnist, mnist_dls, read_image_folder
-from tp3_fastai.finetune import export_learner, finetune_experiment
-from tp3_fastai.image_data import image_dls, image_source
-from tp3_fastai.mnist import train_mnist
-from tp3_fastai.transfer import resnet_learner
-from tp3_fastai.weights import IMAGENET_MEAN, IMAGENET_STD, normalization
+from tp3_fastai.data.mnist import DownloadError, load_mnist, mnist_dls, read_image_folder
+from tp3_fastai.transfer.finetune import export_learner, finetune_experiment
+from tp3_fastai.data.images import image_dls, image_source
+from tp3_fastai.mnist.train import train_mnist
+from tp3_fastai.transfer.learner import resnet_learner
+from tp3_fastai.transfer.weights import IMAGENET_MEAN, IMAGENET_STD, normalization
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_a_failed_download_on_rank_0_stops_every_rank_of_a_launch(tmp_path):
 # A process killed mid-extraction (os._exit: no `finally` runs, as with SIGKILL or a power cut) after 40 files.
 KILLED_MID_EXTRACTION = """
 import os, sys, tarfile
-from tp3_fastai.download import download
+from tp3_fastai.data.download import download
 extract, done = tarfile.TarFile._extract_member, []
 def dying(self, *args, **kwargs):
     done.append(1)

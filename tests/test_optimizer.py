@@ -7,11 +7,11 @@ from fastai.optimizer import Adam as FastaiAdam
 from fastai.torch_core import set_seed
 from torch import nn
 
-from tp3_fastai.data import mnist_dls
-from tp3_fastai.image_data import image_dls, reseed
-from tp3_fastai.learners import mnist_learner
-from tp3_fastai.optimizer import ADAM_HYPERS, TorchOptimizer, default_opt_func, implementation
-from tp3_fastai.transfer import resnet_learner, train_mode
+from tp3_fastai.data.mnist import mnist_dls
+from tp3_fastai.data.images import image_dls, reseed
+from tp3_fastai.mnist.learner import mnist_learner
+from tp3_fastai.train.optimizer import ADAM_HYPERS, TorchOptimizer, default_opt_func, implementation
+from tp3_fastai.transfer.learner import resnet_learner, train_mode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

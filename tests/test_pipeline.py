@@ -1,4 +1,4 @@
-"""Input pipelines for image folders (tp3_fastai.pipeline): the device and cached pipelines against fastai's PIL one
+"""Input pipelines for image folders (tp3_fastai.data.pipeline): the device and cached pipelines against fastai's PIL one
 on real images (LFW faces as JPEGs and in every PNG mode), crop and flip statistics against fastai's own
 RandomResizedCrop, bad files, the cache's budget and freshness, workers, export / predict, the remembered check."""
 from __future__ import annotations
@@ -17,13 +17,14 @@ from fastai.vision.augment import RandomResizedCrop
 from PIL import Image
 from scipy.stats import ks_2samp
 
-from tp3_fastai import image_data
+from tp3_fastai.data import images as image_data
 from tp3_fastai.bench import jpeg_folder
-from tp3_fastai.image_data import check_images, folder_dls
-from tp3_fastai.pipeline import (DecodeCropResize, EncodedImage, ImageBatch, choose_pipeline, decode_images,
+from tp3_fastai.data.images import check_images, folder_dls
+from tp3_fastai.data.pipeline.pil import RGBImage
+from tp3_fastai.data.pipeline import (DecodeCropResize, EncodedImage, ImageBatch, choose_pipeline, decode_images,
                                  draw_flips, find_decoder, jpeg_components, random_resized_boxes, stored_size)
-from tp3_fastai.pipeline.cache import image_bytes
-from tp3_fastai.pipeline.check import memory_file
+from tp3_fastai.data.pipeline.cache import image_bytes
+from tp3_fastai.data.pipeline.check import memory_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PIPES = ("pil", "device", "cached")
@@ -253,7 +254,7 @@ def test_decoding_routes_every_mode_to_todays_conversion(tmp_path):
     assert kinds == {"RGB", "L", "CMYK", "RGBA", "P", "I16"}
     got = decode_images(data, [None] * len(files), [str(f) for f in files], torch.device("cpu"))
     for f, d, im in zip(files, data, got):
-        want = np.array(image_data.RGBImage.create(f))  # today's PIL + to_rgb
+        want = np.array(RGBImage.create(f))  # today's PIL + to_rgb
         assert im.dtype == torch.uint8 and torch.equal(im.permute(1, 2, 0), torch.from_numpy(want)), f.name
         comps = jpeg_components(memoryview(d.numpy()))
         assert comps == ({"L": 1, "CMYK": 4}.get(f.stem.split("_")[-1], 3) if f.suffix == ".jpg" else None)
@@ -261,7 +262,7 @@ def test_decoding_routes_every_mode_to_todays_conversion(tmp_path):
 
 @pytest.mark.parametrize("pipeline", ["device", "cached"])
 def test_a_folder_mixing_jpeg_png_16bit_palette_and_rgba_trains(pipeline, tmp_path):
-    from tp3_fastai.transfer import resnet_learner
+    from tp3_fastai.transfer.learner import resnet_learner
 
     _mixed_folder(tmp_path / "mixed")
     pil = folder_dls(tmp_path / "mixed", size=SIZE, bs=8, pipeline="pil", aug="none", cache_dir=tmp_path)
@@ -322,9 +323,9 @@ def test_workers_persist_across_epochs_and_give_the_same_batches(pipeline, jpegs
 
 @pytest.mark.parametrize("pipeline", PIPES)
 def test_export_and_predict_work_from_a_learner_trained_on_each_pipeline(pipeline, jpegs, dls, tmp_path):
-    from tp3_fastai.finetune import export_learner, load_model, predict, valid_predictions
-    from tp3_fastai.image_data import show_batch_png
-    from tp3_fastai.transfer import resnet_learner
+    from tp3_fastai.transfer.finetune import export_learner, load_model, predict, valid_predictions
+    from tp3_fastai.data.images import show_batch_png
+    from tp3_fastai.transfer.learner import resnet_learner
 
     d = dls[pipeline]
     learn = resnet_learner(d, "test_resnet", progress=False, log=None, path=tmp_path)
@@ -366,7 +367,7 @@ def test_finetune_records_the_pipeline_and_the_commands_take_it(jpegs, tmp_path)
     from fastcore.script import anno_parser
 
     from tp3_fastai import cli
-    from tp3_fastai.finetune import finetune_experiment
+    from tp3_fastai.transfer.finetune import finetune_experiment
 
     for command in (cli.finetune, cli.run, cli.bench_freeze):
         assert "--pipeline" in anno_parser(command).format_help()

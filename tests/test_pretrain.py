@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tp3_fastai import label_efficiency as LE
-from tp3_fastai import pretrain as P
-from tp3_fastai import tasks as T
-from tp3_fastai.data import MNIST_MEAN, MNIST_STD
-from tp3_fastai.transfer import resnet_learner
-from tp3_fastai.weights import RANDOM_INIT
+from tp3_fastai.transfer import label_efficiency as LE
+from tp3_fastai.transfer import pretrain as P
+from tp3_fastai.data import tasks as T
+from tp3_fastai.data.mnist import MNIST_MEAN, MNIST_STD
+from tp3_fastai.transfer.learner import resnet_learner
+from tp3_fastai.transfer.weights import RANDOM_INIT
 from figures import assert_series
 from probes import FirstInputs, installed
 

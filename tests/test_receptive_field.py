@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tp3_fastai.models import MLP, SmallCNN
+from tp3_fastai.mnist.models import MLP, SmallCNN
 from tp3_fastai.receptive_field import (
     LargeActivationWarning, effective_receptive_field, layer_report, layer_report_markdown, measure_receptive_field,
     parse_input_shape, plot_erf, plot_rf_box, receptive_fields, rf_table_markdown, select_rows, write_rf_table,

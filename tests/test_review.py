@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tp3_fastai.activations import ACTIVATIONS, activation_curves, plot_activations, softmax_steps
-from tp3_fastai.data import DownloadError
-from tp3_fastai.kernels import first_conv, imagenet_grid, kernel_grid, kernel_tiles, plot_kernel_grid
-from tp3_fastai.models import SmallCNN
+from tp3_fastai.review.activations import ACTIVATIONS, activation_curves, plot_activations, softmax_steps
+from tp3_fastai.data.mnist import DownloadError
+from tp3_fastai.review.kernels import first_conv, imagenet_grid, kernel_grid, kernel_tiles, plot_kernel_grid
+from tp3_fastai.mnist.models import SmallCNN
 from tp3_fastai.practical import run_practical
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,7 +77,7 @@ def part0(tmp_path_factory, monkeypatch_module):
     def offline(arch, n_in):
         raise DownloadError("could not download ImageNet weights (test: offline)")
 
-    monkeypatch_module.setattr("tp3_fastai.weights.hub_state_dict", offline)
+    monkeypatch_module.setattr("tp3_fastai.transfer.weights.hub_state_dict", offline)
     tmp = tmp_path_factory.mktemp("part0")
     return run_practical(parts=("layers",), weights=True, study_options=dict(cache_dir=tmp / "no_bodies"),
                          out=tmp / "run", log=lambda s: None)
@@ -124,7 +124,7 @@ def test_a_missing_weights_file_is_refused_before_any_part_runs(tmp_path):
 
 
 def test_kernel_review_shows_a_weights_files_first_layer_or_says_why_not(part0, tmp_path):
-    from tp3_fastai.review import kernel_review
+    from tp3_fastai.review.run import kernel_review
 
     torch.manual_seed(2)
     body = timm.create_model("resnet18", pretrained=False, num_classes=0)

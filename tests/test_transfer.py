@@ -15,13 +15,13 @@ from fastai.callback.core import Callback
 from fastai.callback.training import ShortEpochCallback
 from torch import nn
 
-from tp3_fastai.data import DownloadError
-from tp3_fastai.device import resolve_precision
-from tp3_fastai.image_data import image_dls
-from tp3_fastai.finetune import finetune_experiment, predict
-from tp3_fastai.models import count_params
-from tp3_fastai.transfer import MODES, resnet_learner, set_mode, train_mode, trainable_summary
-from tp3_fastai.weights import RANDOM_INIT, read_state_dict
+from tp3_fastai.data.mnist import DownloadError
+from tp3_fastai.core.device import resolve_precision
+from tp3_fastai.data.images import image_dls
+from tp3_fastai.transfer.finetune import finetune_experiment, predict
+from tp3_fastai.train.learner import count_params
+from tp3_fastai.transfer.learner import MODES, resnet_learner, set_mode, train_mode, trainable_summary
+from tp3_fastai.transfer.weights import RANDOM_INIT, read_state_dict
 from figures import assert_series, colormap_pixels, count_colour, image_area, pixels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
     """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line on stderr and exit 2.
     Launched on several processes, each leaves the process group when `fn` ends: after the others on success
     (distributed.close_distributed), at once on failure."""
-    from .distributed import close_distributed
-    from .download import DownloadError
+    from .train.distributed import close_distributed
+    from .data.download import DownloadError
 
     try:
         result = fn(**kwargs)
@@ -51,7 +51,7 @@ def int_list(s: str, what: str) -> list[int]:
 
 def mirror_or_env(mirror: str | None) -> str | None:
     """--mirror, else the TP3_MIRROR environment variable, else None (the real addresses)."""
-    from .download import MIRROR_ENV
+    from .data.download import MIRROR_ENV
 
     return mirror or os.environ.get(MIRROR_ENV) or None
 
@@ -83,7 +83,7 @@ def mnist(
     mirror: str = None,  # base address holding mnist_png.tgz instead of the real one (default: $TP3_MIRROR)
 ):
     "Part I: train the perceptron and the small CNN on MNIST; write curves, metrics and a summary."
-    from .mnist import train_mnist
+    from .mnist.train import train_mnist
 
     run_guarded(train_mnist, source=source, archs=split_list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
                 device=device, precision=precision, out=out, overwrite=overwrite, resume=resume or None,
@@ -101,7 +101,7 @@ def bench_mnist(
 ):
     "Seconds per MNIST epoch: the package's fastai Learner next to a plain PyTorch loop, as a ratio."
     from .bench import bench_mnist_loop
-    from .runs import write_json
+    from .core.runs import write_json
 
     results = [run_guarded(bench_mnist_loop, arch=a, epochs=epochs, repeats=repeats, bs=bs, device=device)
                for a in split_list(archs)]
@@ -170,8 +170,8 @@ def finetune(
     pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
-    from .device import parse_memory_format
-    from .finetune import finetune_experiment
+    from .core.device import parse_memory_format
+    from .transfer.finetune import finetune_experiment
 
     def checked(pretrained, weights, modes, memory_format, **kwargs):
         if pretrained and weights:
@@ -192,7 +192,7 @@ def predict(
     *images: str,  # image files to classify
 ):
     "Print the predicted label and its probability for each image."
-    from .finetune import load_model, predict as predict_one
+    from .transfer.finetune import load_model, predict as predict_one
 
     def classify(model: str, images: tuple[str, ...]) -> None:
         if not images:
@@ -222,7 +222,7 @@ def pretrain(
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
 ):
     "Pretrain a body on the source task (or take it from the cache); print what it is and where it lies."
-    from .pretrain import describe_body, pretrained_body
+    from .transfer.pretrain import describe_body, pretrained_body
 
     path, info = run_guarded(pretrained_body, arch=arch, size=size, n_in=n_in, epochs=epochs, lr=lr, bs=bs,
                              seed=seed, source=source, source_classes=source_classes, cache_dir=cache_dir,
@@ -258,7 +258,7 @@ def label_efficiency(
     overwrite: bool = False,  # replace an existing run folder instead
 ):
     "Test accuracy against k labelled target images per class for each mode and seed: PNG, JSON and Markdown."
-    from .label_efficiency import label_efficiency as study
+    from .transfer.label_efficiency import label_efficiency as study
 
     def checked(ks: str, seeds: str, modes: str, **kwargs):
         return study(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), modes=split_list(modes), **kwargs)

@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .report import Section, write_report
-from .runs import new_run_dir, write_json
+from .core.runs import new_run_dir, write_json
 
 PARTS = ("layers", "mnist", "transfer", "rf")
 
 
 def layers_sections(run: Path, review: dict) -> list[Section]:
     """Report sections of Part 0 from the summary of `review.layers_review` + `review.kernel_review`."""
-    from .layers import LAYER_COLUMNS
-    from .review import SOFTMAX_LOGITS, STEM_COLUMNS
+    from .review.layers import LAYER_COLUMNS
+    from .review.run import SOFTMAX_LOGITS, STEM_COLUMNS
 
     rel = lambda p: str(Path(p).relative_to(run))  # noqa: E731
     kernels = review.get("kernels", [])
@@ -90,8 +90,8 @@ def transfer_section(run: Path, folder: dict) -> Section:
 
 def study_section(run: Path, study: dict) -> Section:
     """Report section of Part II from the label-efficiency study's summary (the offline default)."""
-    from .label_efficiency import MODE_LABELS  # imported when used: a mistyped part is refused in a second
-    from .pretrain import describe_body
+    from .transfer.label_efficiency import MODE_LABELS  # imported when used: a mistyped part is refused in a second
+    from .transfer.pretrain import describe_body
 
     rel = lambda name: str(Path(study["run_dir"]).relative_to(run) / name)  # noqa: E731
     cfg, body, timing = study["config"], study["body"], study["timing"]
@@ -164,7 +164,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
     if weights is not False and weights is not True:
-        from .weights import weights_path
+        from .transfer.weights import weights_path
 
         weights_path(weights)   # a missing weights file fails here, before any part runs
     run = new_run_dir(out, overwrite)
@@ -173,14 +173,14 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
     timings: dict[str, float] = {}
     mnist_run = body = None
     if "layers" in parts:
-        from .review import layers_review
+        from .review.run import layers_review
 
         log("== Part 0: layers, shapes and weights; VGG and ResNet ==")
         t = time.perf_counter()
         review = layers_review(run / "part0_layers", log=log)
         timings["layers"] = time.perf_counter() - t
     if "mnist" in parts:
-        from .mnist import train_mnist
+        from .mnist.train import train_mnist
 
         log("== Part I: MNIST from scratch ==")
         t = time.perf_counter()
@@ -193,7 +193,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
         log("== Part II: transfer learning ==")
         t = time.perf_counter()
         if weights is not False or images:
-            from .finetune import finetune_experiment
+            from .transfer.finetune import finetune_experiment
 
             folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
                                          bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,
@@ -201,7 +201,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
                                          mirror=mirror, pipeline=pipeline)
             sections.append(transfer_section(run, folder))
         else:
-            from .label_efficiency import label_efficiency
+            from .transfer.label_efficiency import label_efficiency
 
             study = label_efficiency(ks=ks, seeds=seeds, valid_pct=0.1, curves_k=min(ks), device=device,
                                      precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
@@ -223,7 +223,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
         timings["rf"] = time.perf_counter() - t
         sections.append(rf_section(run, table, erf))
     if "layers" in parts:
-        from .review import kernel_review
+        from .review.run import kernel_review
 
         log("== Part 0: first-layer kernels ==")
         t = time.perf_counter()

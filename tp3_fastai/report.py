@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .runs import _cell, markdown_table
+from .core.runs import table_cell, markdown_table
 
 
 @dataclass
@@ -42,7 +42,7 @@ def _inline(text: str) -> str:
 
 def _td(value: Any) -> str:
     """A table cell: numbers right-aligned (the page's default), text left-aligned."""
-    text = html.escape(_cell(value))
+    text = html.escape(table_cell(value))
     return f"<td>{text}</td>" if isinstance(value, (int, float)) else f'<td class="t">{text}</td>'
 
 

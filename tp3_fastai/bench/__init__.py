@@ -2,7 +2,7 @@
 PyTorch loop; what each training mode (unfrozen, frozen, precomputed features) costs with each speed lever.
 
 Modules: ``timing`` (timings, spread and device helpers), ``loops`` (loaders, the plain and fastai training loops,
-host-read counting; the lean loop is ``tp3_fastai.fastloop``), ``mnist`` (the MNIST loop benchmark), ``modes``
+host-read counting; the lean loop is ``tp3_fastai.train.loop``), ``mnist`` (the MNIST loop benchmark), ``modes``
 (training modes x speed levers: building and measuring each mode, loop overhead, input pipeline), ``freeze`` (the
 whole training-modes benchmark and its run folder) and ``report`` (its Markdown report and chart).
 """

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
+from ..core.runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 SAME = ("arch", "size", "bs")   # what must match for a ratio to mean anything
 
 

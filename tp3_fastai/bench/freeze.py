@@ -13,13 +13,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..device import device_name, env_info, pick_device, resolve_precision
-from ..models import check_name
-from ..runs import new_run_dir, write_json
+from ..core.device import device_name, env_info, pick_device, resolve_precision
+from ..core.checks import check_name
+from ..core.runs import new_run_dir, write_json
 from .loops import BatchLoader, synthetic_batches
 from .modes import (FREEZE_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, MODE_LABELS, bench_overhead,
                     bench_pipeline, measure_cell, mode_learner)
-from .report import _cell_label, bench_markdown, plot_bench
+from .report import cell_label, bench_markdown, plot_bench
 from .timing import driver_version, free_device_memory, load_average, tf32_flags
 
 CPU_MEMORY_NOTE = "n/a on CPU (peak device memory is measured with torch.cuda.max_memory_allocated on CUDA only)"
@@ -123,7 +123,7 @@ def bench_training_modes(arch: str | None = None, size: int | None = None, bs: i
     (unfrozen; frozen with train_bn True / False; frozen on precomputed features) crossed with the speed levers
     (precision, memory format, torch.compile, cudnn.benchmark); the fastai loop against a plain PyTorch loop;
     synthetic on-device batches against the real image pipelines (`pipelines`: pil, device, cached, auto; see
-    tp3_fastai.pipeline), side by side on the same folder, with augmentation `pipeline_aug` (see
+    tp3_fastai.data.pipeline), side by side on the same folder, with augmentation `pipeline_aug` (see
     image_data.parse_aug; 'none' times decoding and cropping alone). Writes config.json, bench.json, bench.md and
     bench.png into a new run folder and returns what bench.json holds.
 
@@ -220,8 +220,8 @@ def _check_options(arch: str, modes: str, precisions: str, formats: str, overhea
                    pipelines: str, lr: float, epochs_estimate: int, n_classes: int) -> tuple[list[str], ...]:
     """The bench's comma-separated options as checked lists (modes, precisions, formats, overhead modes, pipeline
     modes, pipelines; empty strings give empty lists), before anything is measured; else a ValueError."""
-    from ..pipeline import PIPELINES
-    from ..transfer import check_arch
+    from ..data.pipeline import PIPELINES
+    from ..transfer.learner import check_arch
 
     check_arch(arch)
     modes = _split_opt(modes, FREEZE_MODES, "benchmark mode")
@@ -244,7 +244,7 @@ def _check_options(arch: str, modes: str, precisions: str, formats: str, overhea
 def _pipeline_dls(pipelines: list[str], data: str, cache_dir: Any, jpeg_images: int, size: int, bs: int, seed: int,
                   aug: str, dev: torch.device, num_workers: int | None) -> dict[str, Any]:
     """The same folder, split and augmentation through each input pipeline: {pipeline: DataLoaders}."""
-    from ..image_data import image_dls
+    from ..data.images import image_dls
 
     folder = jpeg_folder(cache_dir, jpeg_images, px=round(size * 1.75)) if data == "jpeg" else data
     kw = {} if num_workers is None else dict(num_workers=num_workers)
@@ -273,7 +273,7 @@ def _measure_grid(syn_dls: Any, arch: str, modes: list[str], precisions: list[st
             what = (f"{row['images_per_s']:9.1f} images/s, {row['step_ms']['median']:8.2f} ms/step "
                     f"[{row['step_ms']['min']:.2f}-{row['step_ms']['max']:.2f}]") if row["status"] == "ok" \
                 else row["status"]
-            log(f"  {_cell_label(row):<48} {what}  load {load_average()[0] if load_average() else '?'}")
+            log(f"  {cell_label(row):<48} {what}  load {load_average()[0] if load_average() else '?'}")
     del base
     free_device_memory(dev)
     if grid[0]["status"] != "ok":

@@ -1,5 +1,5 @@
 """Loaders and training loops the benchmarks time: fixed or streamed batches, the plain PyTorch loop, the package's
-fastai Learner timed the same way (its lean loop: tp3_fastai.fastloop, on by default; `untune_learner` gives
+fastai Learner timed the same way (its lean loop: tp3_fastai.train.loop, on by default; `untune_learner` gives
 fastai's stock loop for comparison) and a counter of host reads per step."""
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from fastai.callback.core import Callback
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..device import autocast, synchronize
-from ..fastloop import (DeviceSmoothLoss, HostLosses, LeanRecorder, PlainTensors, QuietMixedPrecision,  # noqa: F401
-                        tune_learner, untune_learner)
-from ..learners import Learner as PackageLearner
-from ..optimizer import default_opt_func
+from ..core.device import autocast, synchronize
+from ..train.loop import (DeviceSmoothLoss, HostLosses, LeanRecorder, PlainTensors, QuietMixedPrecision,  # noqa: F401
+                          tune_learner, untune_learner)
+from ..train.loop import Learner as PackageLearner
+from ..train.optimizer import default_opt_func
 
 
 class BatchLoader:
@@ -183,7 +183,7 @@ class LearnerLoop:
         return _group_times(timer.marks)
 
 
-# --- the package's lean fastai loop (tp3_fastai.fastloop), re-exported for the benchmarks ------------------------
+# --- the package's lean fastai loop (tp3_fastai.train.loop), re-exported for the benchmarks ------------------------
 
 FastLearner = PackageLearner  # the package's Learner class: events only to the callbacks that handle them
 

@@ -9,10 +9,10 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import set_seed
 from torch import nn
 
-from ..data import mnist_dls
-from ..device import device_name, pick_device
-from ..learners import mnist_learner
-from ..models import create_model
+from ..data.mnist import mnist_dls
+from ..core.device import device_name, pick_device
+from ..mnist.learner import mnist_learner
+from ..mnist.models import create_model
 from .timing import spread, timed
 
 

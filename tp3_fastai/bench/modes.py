@@ -12,13 +12,14 @@ import torch
 from fastai.torch_core import set_seed
 from torch import nn
 
-from ..data import TensorLoader
-from ..device import synchronize
-from ..models import check_name, count_params
-from ..optimizer import default_opt_func
+from ..data.mnist import TensorLoader
+from ..core.device import synchronize
+from ..core.checks import check_name
+from ..train.learner import count_params
+from ..train.optimizer import default_opt_func
 from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
                     synthetic_batches, untune_learner)
-from .timing import (_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
+from .timing import (step_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
                      timed)
 
 FREEZE_MODES = ("unfrozen", "frozen_train_bn", "frozen", "precomputed")
@@ -70,7 +71,7 @@ def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", 
     optimiser) or 'fastai' (fastai's Adam). `stock`: fastai's stock loop instead of the package's lean one."""
     from fastai.optimizer import Adam as FastaiAdam
 
-    from ..transfer import resnet_learner, set_mode
+    from ..transfer.learner import resnet_learner, set_mode
 
     check_name(mode, FREEZE_MODES, "benchmark mode")
     fastai_mode, train_bn = _mode_args(mode)
@@ -98,7 +99,7 @@ def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.d
                  repeats: int, bs: int, lr: float) -> dict[str, Any]:
     """Throughput, step time and peak memory of one mode with one set of levers, in the plain loop on the
     synthetic batches (for 'precomputed': the one-off caching pass and the head's training step)."""
-    from ..features import feature_split, precompute_features
+    from ..transfer.features import feature_split, precompute_features
 
     row: dict[str, Any] = dict(mode=mode, precision=precision, memory_format=memory_format, compile=compiled,
                                cudnn_benchmark=cudnn_benchmark)
@@ -128,7 +129,7 @@ def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.d
             synchronize(dev)
             row["cache_warmup_s"] = time.perf_counter() - t
             cache_s = [timed(lambda: cache(steps), dev) for _ in range(repeats)]
-            c = _stats(cache_s, steps, bs)
+            c = step_stats(cache_s, steps, bs)
             row["cache_step_ms"], row["cache_images_per_s"] = c["step_ms"], c["images_per_s"]
             feats, labels = precompute_features(extractor, BatchLoader(batches, len(batches)), dev, precision)
             n = (warmup + steps * repeats) * bs
@@ -139,7 +140,7 @@ def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.d
             loader = BatchLoader(batches, warmup + steps * repeats)
             loop = PlainLoop(model, dev, precision, lr, compiled=compiled, bn_eval=mode == "frozen")
         g = loop.run(loader, warmup, steps, repeats)
-        row.update(_stats(g, steps, bs))
+        row.update(step_stats(g, steps, bs))
         row["warmup_s"] = loop.warmup_s
         row["peak_memory_mb"] = peak_memory_mb(dev)
         row["status"] = "ok"
@@ -174,8 +175,8 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam as FastaiAdam
 
-    from ..fastloop import CrossEntropyLossFlat
-    from ..features import feature_learner, feature_split, precompute_features
+    from ..train.loop import CrossEntropyLossFlat
+    from ..transfer.features import feature_learner, feature_split, precompute_features
 
     rows = []
     for mode in modes:
@@ -218,7 +219,7 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
         reads = {k: host_reads_per_step(v, make_loader) if count_reads else None for k, v in built.items()}
         plain_med = spread(times["plain"])["median"] if "plain" in times else math.nan
         for name in built:
-            s = _stats(times[name], steps, bs)
+            s = step_stats(times[name], steps, bs)
             ratio = spread(times[name])["median"] / plain_med
             rows.append(dict(mode=mode, loop=name, precision=precision, **s, ratio_vs_plain=ratio,
                              overhead_ms_per_step=s["step_ms"]["median"] - plain_med / steps * 1000,
@@ -252,7 +253,7 @@ def bench_loaders(pipe_dls: Mapping[str, Any], dev: torch.device, warmup: int, s
     first = next(iter(pipe_dls))
     rows = []
     for p, d in pipe_dls.items():
-        s = _stats(times[p], steps, bs)
+        s = step_stats(times[p], steps, bs)
         info = getattr(getattr(d, "info", None), "pipeline_info", {}) or {}
         rows.append(dict(pipeline=p, ran=info.get("pipeline", p), workers=_workers(d.train), **s,
                          max_over_min=s["step_ms"]["max"] / s["step_ms"]["min"],
@@ -268,7 +269,7 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
                    precision: str, seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
                    log: Callable[[str], None] | None = print, channels_last: bool | None = None) -> dict[str, Any]:
     """Synthetic on-device batches against each input pipeline of `pipe_dls` ({name: DataLoaders}, e.g. pil,
-    device, cached: see tp3_fastai.pipeline) on the same image folder: each loader alone, then training steps of
+    device, cached: see tp3_fastai.data.pipeline) on the same image folder: each loader alone, then training steps of
     the plain loop on synthetic batches and, per pipeline, of the plain loop, the package's Learner and the same
     Learner on fastai's stock loop on real batches; loops and pipelines alternate round by round. Models train as the practical would on
     the device: `channels_last` defaults to True on CUDA (with AMP `precision`), False on a CPU."""
@@ -308,7 +309,7 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
         syn = spread(times[cells[0]])["median"]
         for cell in cells:
             loop_name, data, p = cell
-            s = _stats(times[cell], steps, bs)
+            s = step_stats(times[cell], steps, bs)
             med = spread(times[cell])["median"]
             plain_real = spread(times[("plain", "real", p)])["median"] if p else None
             rows.append(dict(mode=mode, loop=loop_name, data=data, pipeline=p, precision=precision, **s,

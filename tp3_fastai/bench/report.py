@@ -5,14 +5,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .modes import FREEZE_MODES
-from ..runs import pyplot, save_figure
+from ..core.runs import pyplot, save_figure
 
 
 def _ms(s: Mapping[str, float]) -> str:
     return f"{s['median']:.4g} [{s['min']:.4g}-{s['max']:.4g}]"
 
 
-def _cell_label(row: Mapping[str, Any]) -> str:
+def cell_label(row: Mapping[str, Any]) -> str:
     parts = [row["mode"], row["precision"], "CL" if row["memory_format"] == "channels_last" else "contig"]
     if row.get("compile"):
         parts.append("compile")
@@ -96,7 +96,7 @@ def pipeline_markdown(p: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {name} | {r['workers']} | {r['images_per_s']:.4g} | {_ms(r['step_ms'])} | "
                      f"{_opt(r.get('max_over_min'))} | {_opt(r.get('ratio_vs_first'))} | {_opt(r.get('fill_s'))} | "
                      f"{cached} |")
-    from ..pipeline import PIPELINE_LABELS
+    from ..data.pipeline import PIPELINE_LABELS
 
     lines += ["", "Pipelines: " + "; ".join(f"**{k}**: {v}" for k, v in PIPELINE_LABELS.items()
                                           if any(r.get("ran", r["pipeline"]) == k for r in loaders)) + "."]
@@ -129,7 +129,7 @@ def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     mode_colour = {m: colours[i % len(colours)] for i, m in enumerate(FREEZE_MODES)}
     ax = axes[0][0]
-    labels = [_cell_label(r) for r in ok]
+    labels = [cell_label(r) for r in ok]
     values = [r["images_per_s"] for r in ok]
     ax.barh(range(len(ok)), values, color=[mode_colour[r["mode"]] for r in ok])
     ax.set_yticks(range(len(ok)), labels, fontsize=7)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..device import synchronize
+from ..core.device import synchronize
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -26,7 +26,7 @@ def spread(times: list[float]) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
 
 
-def _stats(group_s: list[float], steps: int, bs: int) -> dict[str, Any]:
+def step_stats(group_s: list[float], steps: int, bs: int) -> dict[str, Any]:
     per_step = [g / steps for g in group_s]
     s = spread(per_step)
     return dict(step_ms={k: (v * 1000 if k != "n" else v) for k, v in s.items()},

@@ -28,7 +28,7 @@ class LargeActivationWarning(UserWarning):
     """An activation tensor is larger than the warning threshold of `layer_report`."""
 
 
-def _human(nbytes: float) -> str:
+def human_bytes(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024:
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
@@ -48,7 +48,7 @@ def layer_report(module_or_model: nn.Module, input_shape: Sequence[int], *,
         infos.append(info)
         if info.bytes > warn_bytes:
             warnings.warn(f"{n.name}: activation {'x'.join(map(str, n.out_shape))} holds {acts:,} values "
-                          f"= {_human(info.bytes)} for one forward (more again for its gradient); "
+                          f"= {human_bytes(info.bytes)} for one forward (more again for its gradient); "
                           f"reduce the batch, the volume size or the channels", LargeActivationWarning, stacklevel=2)
     return infos
 
@@ -59,7 +59,7 @@ def layer_report_markdown(infos: Sequence[LayerInfo]) -> str:
              "|---|---|---|---|---|---|---|"]
     for i in infos:
         lines.append(f"| `{i.name}` | {i.op} | {'x'.join(map(str, i.out_shape))} | {i.weights:,} | {i.params:,} | "
-                     f"{i.activations:,} | {_human(i.bytes)} |")
+                     f"{i.activations:,} | {human_bytes(i.bytes)} |")
     lines.append(f"| **total** | | | {sum(i.weights for i in infos):,} | {sum(i.params for i in infos):,} | "
-                 f"{sum(i.activations for i in infos):,} | {_human(sum(i.bytes for i in infos))} |")
+                 f"{sum(i.activations for i in infos):,} | {human_bytes(sum(i.bytes for i in infos))} |")
     return "\n".join(lines) + "\n"

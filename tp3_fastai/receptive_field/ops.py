@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from .geometry import Dim, State, Unsupported, clip, collapse, conv_dim, merge, shift, union
 from .shape_ops import along_dim, getitem, norm_dim, permutation, reduce, reshape
 
-if TYPE_CHECKING:
-    from .trace import Tracer
+
+
+class Traced(Protocol):
+    """What the rules below read of the tracer (trace.Tracer): the input's spatial sizes, the nodes so far (each
+    with its field `state`) and the node of a tensor."""
+    sizes: tuple[int, ...]
+    nodes: list[Any]
+
+    def lookup(self, t: torch.Tensor) -> int | None: ...
 
 CONV = {"conv1d", "conv2d", "conv3d"}
 MAXPOOL = {f"max_pool{k}d{w}" for k in (1, 2, 3) for w in ("", "_with_indices")}
@@ -110,7 +117,7 @@ def _describe(op: str, k: tuple, s: tuple, p: tuple, dil: tuple) -> str:
 
 
 def propagate(op: str, args: Sequence, kwargs: dict, outs: list[torch.Tensor], tracked: list[int],
-              tr: Tracer) -> tuple[list[State], str, str]:
+              tr: Traced) -> tuple[list[State], str, str]:
     """New state(s) for the output(s) of one op; returns (states, description, note)."""
     main_t = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input", kwargs.get("self"))
     main_idx = tr.lookup(main_t) if isinstance(main_t, torch.Tensor) else None
@@ -213,7 +220,7 @@ def _adaptive(op: str, main: State, x: torch.Tensor, args: Sequence, kwargs: dic
     return [State(main.dims, tuple(fields))] * n, desc, "; ".join(notes)
 
 
-def _mix_all(tracked: list[int], tr: Tracer) -> State:
+def _mix_all(tracked: list[int], tr: Traced) -> State:
     fields = []
     for ax in range(len(tr.sizes)):
         f = None
@@ -226,7 +233,7 @@ def _mix_all(tracked: list[int], tr: Tracer) -> State:
     return State((None,) * len(tr.sizes), tuple(fields))
 
 
-def _cat(op: str, args: Sequence, kwargs: dict, tr: Tracer) -> tuple[State, str]:
+def _cat(op: str, args: Sequence, kwargs: dict, tr: Traced) -> tuple[State, str]:
     a = bind(args, kwargs, ("tensors", "dim"), {"dim": 0})
     ts = list(a["tensors"])
     d = norm_dim(int(a["dim"]), ts[0].ndim + (1 if op == "stack" else 0))
@@ -238,13 +245,13 @@ def _cat(op: str, args: Sequence, kwargs: dict, tr: Tracer) -> tuple[State, str]
     return merge(states, [lambda dd: dd] * len(states), len(tr.sizes))
 
 
-def elementwise(outs: list[torch.Tensor], tracked: list[int], tr: Tracer) -> tuple[list[State], str]:
+def elementwise(outs: list[torch.Tensor], tracked: list[int], tr: Traced) -> tuple[list[State], str]:
     """Elementwise / broadcasting ops: inputs align from the right, fields are united (note: the first output's)."""
     results = [_broadcast(out, tracked, tr) for out in outs]
     return [st for st, _ in results], results[0][1]
 
 
-def _broadcast(out: torch.Tensor, tracked: list[int], tr: Tracer) -> tuple[State, str]:
+def _broadcast(out: torch.Tensor, tracked: list[int], tr: Traced) -> tuple[State, str]:
     states, to_out = [], []
     for i in tracked:
         node = tr.nodes[i]

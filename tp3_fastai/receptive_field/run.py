@@ -9,9 +9,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..device import env_info
-from ..models import MODELS, check_name, create_model
-from ..runs import new_run_dir, write_json
+from ..core.device import env_info
+from ..core.checks import check_name
+from ..mnist.models import MODELS, create_model
+from ..core.runs import new_run_dir, write_json
 from .measure import RFMeasurement, effective_receptive_field, measure_receptive_field
 from .plots import plot_erf, plot_rf_box
 from .tables import fmt_axes, fmt_start, rf_table_markdown, write_rf_table

@@ -297,7 +297,7 @@ def traced(model: Any, input_shape: Sequence[int], *, stop_key: tuple | None = N
     return model, tr
 
 
-def _row(n: Node, nodes: list[Node]) -> RFRow:
+def rf_row(n: Node, nodes: list[Node]) -> RFRow:
     f = n.state.fields
     ends = tuple(e for e in dict.fromkeys(n.ends) if e != n.name and not (n.leaf and e == n.module))
     return RFRow(
@@ -310,7 +310,7 @@ def _row(n: Node, nodes: list[Node]) -> RFRow:
 def receptive_fields(model: nn.Module, input_shape: Sequence[int], *, real_forward: bool = False) -> list[RFRow]:
     """Trace `model` on an input of `input_shape` (batch, channels, *spatial) and give every node's field."""
     _, tr = traced(model, input_shape, real_forward=real_forward)
-    return [_row(n, tr.nodes) for n in tr.nodes]
+    return [rf_row(n, tr.nodes) for n in tr.nodes]
 
 
 def select_rows(rows: Sequence[RFRow], layers: str | Sequence[str] | None) -> list[RFRow]:

@@ -1,0 +1,28 @@
+"""The MNIST Learner: a from-scratch model with cross-entropy, accuracy and the package's optimiser."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from fastai.data.core import DataLoaders
+from fastai.metrics import accuracy
+from torch import nn
+
+from ..train.learner import CrossEntropy, setup_learner
+from ..train.loop import Learner
+from ..train.optimizer import default_opt_func
+from .models import create_model
+
+
+def mnist_learner(dls: DataLoaders, arch: str | nn.Module = "cnn", lr: float = 1e-3, precision: str = "fp32",
+                  csv_path: str | Path | None = None, opt_func: Callable | None = None, progress: bool | None = None,
+                  log: Callable[[str], None] | None = print, path: str | Path = ".") -> Learner:
+    """A Learner (cross-entropy, accuracy, the package's optimiser unless `opt_func`: see
+    optimizer.default_opt_func) for an MNIST model, recording curves."""
+    if lr <= 0:
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    model = create_model(arch) if isinstance(arch, str) else arch
+    learn = Learner(dls, model, loss_func=CrossEntropy(), opt_func=opt_func or default_opt_func(dls.device),
+                    lr=lr, metrics=accuracy, path=path)
+    return setup_learner(learn, precision, csv_path, name=arch if isinstance(arch, str) else "",
+                         progress=progress, log=log)

@@ -1,0 +1,274 @@
+"""Part II of the practical: a timm model through fastai's vision_learner (`resnet_learner`), and the three modes
+of training it: from scratch, fine-tuned or with a frozen body (`set_mode`, `train_mode`)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / fine_tune)
+import timm
+import torch
+from fastai.callback.core import Callback, CancelEpochException
+from fastai.callback.training import BnFreeze
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.vision.learner import vision_learner
+from torch import nn
+
+from ..core.checks import check_name
+from ..train.learner import count_params, setup_learner
+from ..train.optimizer import default_opt_func
+from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
+from .weights import check_normalization
+
+MODES = ("scratch", "finetune", "frozen")
+MAX_IMAGE_SIZE = 4096  # the search for the smallest image a body accepts stops here
+
+
+def check_arch(arch: str) -> None:
+    """Raise a ValueError with close matches when `arch` is not a timm model name."""
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"arch must be a timm model name such as 'resnet50', got {arch!r}")
+    if not timm.is_model(arch):
+        check_name(arch, timm.list_models(), "timm architecture")
+
+
+def _feature_error(features: Callable[[torch.Tensor], torch.Tensor], size: int, n_in: int) -> str | None:
+    """None when a blank 1 x n_in x size x size image gives a non-empty feature map, else what went wrong."""
+    try:
+        with torch.no_grad():
+            out = features(torch.zeros(1, n_in, size, size))
+    except Exception as e:  # conv/pool "output size is too small", timm's fixed-size assertions, ...
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None if out.numel() else f"empty feature map of shape {tuple(out.shape)}"
+
+
+def check_plan(modes: Sequence[str], allowed: Sequence[str], what: str, arch: str, epochs: int, bs: int,
+               lr: float, freeze_epochs: int) -> list[str]:
+    """The modes to run (repeats dropped), each known, with a trainable architecture and a positive schedule in
+    which fine_tune has both phases; raises ValueError before any work otherwise."""
+    modes = list(dict.fromkeys(modes))
+    if not modes:
+        raise ValueError(f"no {what}s given: choose from {', '.join(allowed)}")
+    for m in modes:
+        check_name(m, allowed, what)
+    check_arch(arch)
+    if epochs <= 0 or bs <= 0 or lr <= 0:
+        raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
+    if "finetune" in modes and not 0 < freeze_epochs < epochs:
+        raise ValueError(f"finetune needs 0 < freeze_epochs < epochs, got freeze_epochs={freeze_epochs}, "
+                         f"epochs={epochs}: raise --epochs")
+    return modes
+
+
+def check_image_size(model: nn.Module | str, size: int, n_in: int = 3) -> None:
+    """Raise a ValueError when `size` px images are too small for `model` (a timm name, a timm model or a body).
+
+    A dry forward of one blank image (eval mode, no gradient) decides; when it fails, the smallest size that
+    passes is searched (doubling, then bisection) and named. Measured with timm 1.0: ResNets and EfficientNets
+    pass at any size (padding keeps a 1x1 map), VGG needs 32 px, Inception v3 75 px, ViTs their fixed size.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise ValueError(f"image size must be a positive number of pixels, got {size!r}")
+    name = model if isinstance(model, str) else type(getattr(model, "model", model)).__name__
+    if isinstance(model, str):
+        check_arch(model)
+        model = timm.create_model(model, pretrained=False, num_classes=0, in_chans=n_in)
+    features = getattr(model, "forward_features", model)  # a timm model; a fastai TimmBody calls it itself
+    was_training = model.training
+    model.eval()
+    try:
+        why = _feature_error(features, size, n_in)
+        if why is None:
+            return
+        hi = size * 2
+        while hi <= MAX_IMAGE_SIZE and _feature_error(features, hi, n_in) is not None:
+            hi *= 2
+        if hi <= MAX_IMAGE_SIZE:
+            lo = size
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if _feature_error(features, mid, n_in) is None else (mid, hi)
+            need = f"needs images of at least {hi} px"
+        else:
+            cfg = getattr(getattr(model, "model", model), "pretrained_cfg", None) or {}
+            fixed = (cfg.get("input_size") or [None])[-1]
+            if not fixed or _feature_error(features, fixed, n_in) is not None:
+                raise ValueError(f"{name} fails on images of {size} px and on every size up to {MAX_IMAGE_SIZE} px "
+                                 f"({why}): choose another architecture")
+            hi, need = fixed, f"takes images of {fixed} px only"
+    finally:
+        model.train(was_training)
+    raise ValueError(f"image size {size} px is too small for {name}: its body {need} ({why}). Pass size={hi} "
+                     f"(--size {hi}) or larger, or choose an architecture that downsamples less")
+
+
+def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: WeightsArg = False, n_in: int = 3,
+                   precision: str = "fp32", channels_last: bool | None = None, train_bn: bool = True,
+                   csv_path: str | Path | None = None, progress: bool | None = None,
+                   log: Callable[[str], None] | None = print, path: str | Path = ".", lr: float = 2e-3,
+                   name: str = "", size: int | None = None) -> Learner:
+    """A timm model (body + a new fastai head sized to the classes) via `vision_learner`, with every layer trainable.
+
+    `pretrained`: True (ImageNet weights from the timm / Hugging Face hub), False (random init) or the path of a
+    .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with
+    weights_only). Normalisation is left to the DataLoaders (see image_data.folder_dls); with hub weights, a fastai
+    Normalize in them must use the pretrained configuration's statistics (weights.normalization). The learner records
+    `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). With
+    `size` (the DataLoaders' image side) the body is checked to accept it (check_image_size) before anything trains.
+    Optimiser: optimizer.default_opt_func; `channels_last` None: on CUDA (device.resolve_channels_last).
+    """
+    check_arch(arch)
+    if lr <= 0:
+        raise ValueError(f"learning rate must be positive, got {lr}")
+    check_normalization(dls, pretrained, arch, n_in)  # hub weights expect their pretrained config's mean and std
+    file = weights_path(pretrained)
+    weights, weights_info = describe_weights(pretrained, arch)
+    hub_sd = None
+    if pretrained is True:  # download before building, so an offline error comes first and fast
+        hub_sd, hub_id = hub_state_dict(arch, n_in)
+        weights = f"timm hub: {hub_id}"
+    learn = vision_learner(dls, arch, normalize=False, pretrained=False, n_in=n_in, loss_func=CrossEntropyLossFlat(),
+                           metrics=accuracy, lr=lr, path=path, train_bn=train_bn,
+                           opt_func=default_opt_func(dls.device))
+    if size is not None:
+        check_image_size(learn.model[0], size, n_in)
+    body = learn.model[0].model
+    if hub_sd is not None:
+        body.load_state_dict(hub_sd, strict=True)
+    elif file is not None:
+        learn.weights_load = load_body_weights(body, file, n_in)
+    learn.weights, learn.weights_info = weights, weights_info
+    learn.pretrained = weights != RANDOM_INIT
+    return setup_learner(learn, precision, csv_path, name=name or arch, progress=progress, log=log,
+                         channels_last=channels_last)
+
+
+def trainable_summary(learn: Learner) -> tuple[int, int]:
+    """(trainable, total) parameters of the learner's model as it stands."""
+    return count_params(learn.model)
+
+
+def set_mode(learn: Learner, mode: str, train_bn: bool | None = None) -> Learner:
+    """Prepare the trainable layers for a mode: scratch = everything; finetune and frozen start with only the head
+    (plus BatchNorm when `train_bn`; with train_bn=False BatchNorm statistics are frozen too, via BnFreeze)."""
+    check_name(mode, MODES, "training mode")
+    if train_bn is not None and train_bn != learn.train_bn:
+        learn.train_bn = train_bn
+        learn.opt = None  # BatchNorm's 'force_train' flags are set when the optimizer is created
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, BnFreeze)])
+    if mode == "scratch":
+        learn.unfreeze()
+    else:
+        if not learn.train_bn:
+            learn.add_cb(BnFreeze())  # only touches BatchNorm layers whose parameters are frozen
+        learn.freeze()
+    return learn
+
+
+def _phase(learn: Learner, epochs: int, lr: Any) -> dict[str, Any]:
+    trainable, total = trainable_summary(learn)
+    what = "all layers" if trainable == total else (
+        "head + body BatchNorm" if learn.train_bn else "head only (BatchNorm frozen too)")
+    return dict(trains=what, epochs=epochs, lr=str(lr), trainable_params=trainable, total_params=total)
+
+
+class PhaseEpochs(Callback):
+    """Epochs numbered across the fits of one mode (fine_tune runs two) and skipped up to `done` (a checkpoint's).
+
+    CurvesCallback and CheckpointCallback number their rows `learn.epoch + 1`, which restarts with every fit;
+    during `after_epoch` this callback shows them the mode's epoch and epoch count, and its partner `restore`
+    (order 66) gives fastai back its own values, which the one-cycle schedule reads. Skipped epochs keep their
+    place in the schedule, like fastai's `start_epoch`. Also counts this process's training batches.
+    """
+    order = 59  # before CurvesCallback (60) and CheckpointCallback (65)
+
+    def __init__(self, phase_epochs: Sequence[int], done: int = 0, opt_state: dict | None = None):
+        self.starts = [sum(phase_epochs[:i]) for i in range(len(phase_epochs))]
+        self.total, self.done, self.fits, self.offset, self.batches = sum(phase_epochs), done, 0, 0, 0
+        self.restore = _RestoreEpoch(self)
+        # a resumed run's optimizer state: fastai's freeze() / unfreeze() clear it, so it is put back when the
+        # first epoch trains, unless that epoch starts a phase (an uninterrupted run clears it there too)
+        self.opt_state = None if done in self.starts else opt_state
+
+    def before_train(self) -> None:
+        if self.opt_state is not None:
+            self.learn.opt.load_state_dict(self.opt_state)
+            self.opt_state = None
+
+    def before_fit(self) -> None:
+        self.offset = self.starts[min(self.fits, len(self.starts) - 1)]
+        self.fits += 1
+
+    def after_batch(self) -> None:
+        if self.training:
+            self.batches += 1
+
+    def after_epoch(self) -> None:
+        self.saved = self.learn.epoch, self.learn.n_epoch
+        self.learn.epoch, self.learn.n_epoch = self.offset + self.learn.epoch, self.total
+
+
+class _RestoreEpoch(Callback):
+    """PhaseEpochs' second half: skips the epochs already done and gives fastai back its epoch counters."""
+    order = 66  # after CheckpointCallback (65)
+
+    def __init__(self, shift: PhaseEpochs):
+        self.shift = shift
+
+    def before_epoch(self) -> None:
+        if self.shift.offset + self.learn.epoch < self.shift.done:  # after CurvesCallback (60) reset its sums
+            raise CancelEpochException
+
+    def after_epoch(self) -> None:
+        self.learn.epoch, self.learn.n_epoch = self.shift.saved
+
+
+def _tag_phases(learn: Learner, first_row: int, phases: list[dict]) -> None:
+    """Tag each new row of the learner's curves with the phase (what trained) of its epoch."""
+    labels = [p["trains"] for p in phases for _ in range(p["epochs"])]
+    for row in getattr(getattr(learn, "curves", None), "history", [])[first_row:]:
+        row["phase"] = labels[min(row["epoch"], len(labels)) - 1]
+
+
+def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_epochs: int = 1,
+               train_bn: bool | None = None, start: int = 0, lr_mult: float = 100) -> dict[str, Any]:
+    """Train in one of the practical's modes; `epochs` counts every pass, so all modes get the same budget.
+
+    scratch: `fit_one_cycle(epochs, lr)` on everything. finetune: `fine_tune(epochs - freeze_epochs, lr,
+    freeze_epochs, lr_mult=lr_mult)`: the head alone first, then everything with discriminative rates (body
+    lr/2/lr_mult, head lr/2; fastai's default lr_mult=100 leaves the body almost frozen on a few dozen steps).
+    frozen: `freeze()` then `fit_one_cycle(epochs, lr)`: only the head (and BatchNorm if `train_bn`) learns.
+    Every mode trains the weights the learner holds: build a scratch learner with pretrained=False.
+    `start`: epochs already done (a resumed run, weights and optimizer loaded): the schedule skips them, in
+    whichever of fine_tune's phases they end. Epochs are numbered 1..`epochs` across fine_tune's two fits.
+    """
+    check_name(mode, MODES, "training mode")
+    if epochs <= 0 or lr <= 0:
+        raise ValueError(f"epochs and lr must be positive, got epochs={epochs}, lr={lr}")
+    if mode == "finetune" and not 0 < freeze_epochs < epochs:
+        raise ValueError(f"finetune needs 0 < freeze_epochs < epochs (head first, then everything), got "
+                         f"freeze_epochs={freeze_epochs}, epochs={epochs}")
+    if not 0 <= start <= epochs:
+        raise ValueError(f"start must lie in [0, epochs={epochs}], got {start}")
+    if lr_mult <= 0:
+        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
+    first_row = len(learn.curves.history) if hasattr(learn, "curves") else 0
+    loaded = learn.opt.state_dict() if start and learn.opt is not None else None  # before freeze() clears it
+    set_mode(learn, mode, train_bn)
+    shift = PhaseEpochs([freeze_epochs, epochs - freeze_epochs] if mode == "finetune" else [epochs], start, loaded)
+    cbs = [shift, shift.restore]
+    t0 = time.perf_counter()
+    if mode == "finetune":
+        phases = [_phase(learn, freeze_epochs, lr)]
+        learn.fine_tune(epochs - freeze_epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, cbs=cbs)
+        phases.append(_phase(learn, epochs - freeze_epochs, f"slice({lr / 2 / lr_mult:.3g}, {lr / 2:.3g})"))
+    else:
+        phases = [_phase(learn, epochs, lr)]
+        learn.fit_one_cycle(epochs, lr, cbs=cbs)
+    _tag_phases(learn, first_row, phases)
+    return dict(mode=mode, epochs=epochs, phases=phases, seconds=time.perf_counter() - t0, start=start,
+                train_batches=shift.batches)
