@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -19,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import offline_guard
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
@@ -35,6 +39,24 @@ def pytest_addoption(parser) -> None:
 def pytest_configure(config) -> None:
     if config.getoption("--device") == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda: this machine has no CUDA GPU (torch.cuda.is_available() is False)")
+    # Before any fixture or test module: no test reaches the internet (offline_guard), and none reads or writes the
+    # user's home folder (its ~/.cache/tp3_fastai among others): HOME is a fresh folder for the whole run, which the
+    # processes the tests start inherit.
+    config.tp3_guard = offline_guard.guard_session()
+    config.tp3_home = Path(tempfile.mkdtemp(prefix="tp3-test-home-"))
+    config.tp3_real_home = os.environ.get("HOME")
+    os.environ["HOME"] = str(config.tp3_home)
+
+
+def pytest_unconfigure(config) -> None:
+    guard = getattr(config, "tp3_guard", None)
+    if guard is not None:
+        guard.unlink(missing_ok=True)
+    home = getattr(config, "tp3_home", None)
+    if home is not None:
+        if config.tp3_real_home is not None:
+            os.environ["HOME"] = config.tp3_real_home
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,60 +1,124 @@
-"""Refuse every network connection and name lookup that leaves this machine. The online tests install it in their
-own process (a fixture) and in the scripts they start (a sitecustomize.py on PYTHONPATH, see `guard_env`), so a
-test that reached the internet fails here instead of passing by luck."""
+"""Refuse every network connection, datagram and name lookup that leaves this machine, for the whole pytest run.
+
+`conftest.py` calls `guard_session()` when pytest starts, before any fixture or test module runs:
+* in the pytest process, an audit hook (`sys.addaudithook`, which cannot be removed) refuses `socket.connect`
+  (and `connect_ex`, `create_connection`), `sendto` / `sendmsg` (UDP), `getaddrinfo`, `gethostbyname`,
+  `gethostbyname_ex`, `gethostbyaddr` and `getnameinfo` for any host but 127.0.0.1 / ::1 / localhost: unlike a patch of
+  `socket`'s functions, it also sees code that kept a reference to them and C code that goes through them;
+* every Python child started from this interpreter's environment (scripts, `tp3`, torchrun, accelerate, notebooks'
+  kernels), `python -I` and `-E` ones included, installs the same hook at start-up: a `.pth` file in this
+  environment's site-packages (which `site` reads in isolated mode too) loads this file when the child's
+  environment carries TP3_OFFLINE_GUARD (the path of this file; inert in any other process);
+* a Python child started with `-S` (no `site`, so no guard) is refused at launch.
+A test that reached the internet fails here instead of passing by luck.
+"""
 from __future__ import annotations
 
 import os
-import socket
+import re
+import sys
+import sysconfig
 from pathlib import Path
-from typing import Callable
 
-LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost")
-HERE = Path(__file__).resolve().parent
+LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost", "0.0.0.0")
+ENV = "TP3_OFFLINE_GUARD"
+HERE = Path(__file__).resolve()
+_installed = False
 
 
 class NetworkBlocked(OSError):
-    """A test tried to reach an address outside 127.0.0.1."""
+    """A test tried to reach an address outside this machine."""
 
 
 def _check(host: object) -> None:
-    if host is not None and str(host) not in LOCAL_HOSTS:
+    if host is None:
+        return
+    if isinstance(host, bytes):
+        host = host.decode(errors="replace")
+    if str(host) not in LOCAL_HOSTS:
         raise NetworkBlocked(f"tests may reach only 127.0.0.1, not {host!r}")
 
 
-def install() -> Callable[[], None]:
-    """Patch socket connect/connect_ex/getaddrinfo for this process; returns the function that undoes it."""
-    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-    def guarded_connect(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            _check(address[0])
-        return connect(self, address)
-
-    def guarded_connect_ex(self, address):
-        if self.family in (socket.AF_INET, socket.AF_INET6):
-            _check(address[0])
-        return connect_ex(self, address)
-
-    def guarded_getaddrinfo(host, *args, **kwargs):
-        _check(host.decode() if isinstance(host, bytes) else host)
-        return getaddrinfo(host, *args, **kwargs)
-
-    socket.socket.connect, socket.socket.connect_ex = guarded_connect, guarded_connect_ex
-    socket.getaddrinfo = guarded_getaddrinfo
-
-    def undo() -> None:
-        socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, connect_ex, getaddrinfo
-
-    return undo
+def _address_host(address: object) -> object:
+    """The host of a socket address; None for addresses that are not IP (AF_UNIX paths, netlink)."""
+    if isinstance(address, tuple) and address and isinstance(address[0], (str, bytes)):
+        return address[0]
+    return None
 
 
-def guard_env(folder: Path, env: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of `env` (default: this process's) whose Python processes install the guard at start-up."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('offline_guard', {str(HERE / 'offline_guard.py')!r})\n"
-        "guard = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(guard)\nguard.install()\n")
-    env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), env.get("PYTHONPATH", "")) if p)
-    return env
+_PYTHON = re.compile(r"(^|/)python[0-9.]*$")
+
+
+def _python_without_site(args: object) -> bool:
+    """Whether a command line starts a Python interpreter with -S (no site: the guard cannot load in it)."""
+    if isinstance(args, (str, bytes)):
+        args = str(args).split()
+    args = [os.fsdecode(a) for a in (args or [])]
+    if not args or not _PYTHON.search(args[0]):
+        return False
+    for a in args[1:]:
+        if a in ("-c", "-m") or not a.startswith("-") or a.startswith("--"):
+            return False
+        if "S" in a[1:] and not a.startswith("-X") and not a.startswith("-W"):
+            return True
+    return False
+
+
+def _hook(event: str, args: tuple) -> None:
+    if event in ("socket.connect", "socket.sendto", "socket.sendmsg"):
+        _check(_address_host(args[1]))
+    elif event in ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr"):
+        _check(args[0])
+    elif event == "socket.getnameinfo":
+        _check(_address_host(args[0]))
+    elif event in ("subprocess.Popen", "os.exec", "os.posix_spawn"):
+        if _python_without_site(args[1]):
+            raise NetworkBlocked(f"a Python child started with -S cannot load the offline guard: {args[1]!r}")
+    elif event == "os.system":
+        if _python_without_site(args[0]):
+            raise NetworkBlocked(f"a Python child started with -S cannot load the offline guard: {args[0]!r}")
+
+
+def install() -> None:
+    """Install the audit hook in this process (once; an audit hook stays for the life of the process)."""
+    global _installed
+    if not _installed:
+        sys.addaudithook(_hook)
+        _installed = True
+
+
+def pth_file() -> Path:
+    """The start-up file of this pytest process in the environment's site-packages."""
+    return Path(sysconfig.get_paths()["purelib"]) / f"tp3_offline_guard_{os.getpid()}.pth"
+
+
+def guard_session() -> Path:
+    """Guard this process and every Python child it starts (see the module docstring); returns the .pth file to
+    remove when the session ends."""
+    install()
+    remove_stale()
+    os.environ[ENV] = str(HERE)
+    pth = pth_file()
+    # site executes a .pth line that starts with "import"; the whole line runs, and it must not fail elsewhere
+    pth.write_text(f"import os; p = os.environ.get({ENV!r}); p and os.path.isfile(p) and "
+                   "__import__('runpy').run_path(p, run_name='tp3_offline_guard_child')\n")
+    return pth
+
+
+def guard_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of `env` (default: this process's) whose Python processes install the guard at start-up (for a test
+    that builds a child's environment from scratch)."""
+    return dict(os.environ if env is None else env, **{ENV: str(HERE)})
+
+
+def remove_stale() -> None:
+    """Remove the start-up files of guarded pytest runs that ended without removing theirs (killed)."""
+    for f in Path(sysconfig.get_paths()["purelib"]).glob("tp3_offline_guard_*.pth"):
+        pid = f.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists() and sys.platform.startswith("linux"):
+            f.unlink(missing_ok=True)
+
+
+if __name__ == "tp3_offline_guard_child" and not getattr(sys, "tp3_offline_guard", False):
+    sys.tp3_offline_guard = True  # several guarded runs at once each leave a .pth file: install once
+    install()
