@@ -10,8 +10,13 @@ from conftest import needs_kernel
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_there_are_notebooks_to_run():
-    assert {p.name[:2] for p in NOTEBOOKS} >= {"01", "03"}
+def test_the_four_notebooks_are_there_each_with_a_parameters_cell():
+    assert [p.stem for p in NOTEBOOKS] == ["00_layers_and_architectures", "01_mnist_from_scratch",
+                                           "02_transfer_learning", "03_receptive_fields"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and tagged[0].cell_type == "code", f"{path.name}: one code cell tagged 'parameters'"
 
 
 # Smaller runs for the suite, injected after the notebook's "parameters" cell as papermill does: every cell still
