@@ -1,6 +1,7 @@
 """Loaders and training loops the benchmarks time: fixed or streamed batches, the plain PyTorch loop, the package's
 fastai Learner timed the same way (its lean loop: tp3_fastai.train.loop, built into the package's Learner;
-`stock=True` at construction gives fastai's own Learner and stock loop for comparison) and a counter of host reads per step."""
+`stock=True` at construction gives fastai's own Learner and stock loop for comparison) and a counter of host reads
+per step."""
 from __future__ import annotations
 
 import math

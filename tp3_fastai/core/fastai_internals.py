@@ -1,7 +1,7 @@
 """Every private name of fastai that the package relies on, looked up here and nowhere else.
 
 fastai's private names (a leading underscore) can change in any release without notice. The package reads two and
-overrides one; each is listed in `PRIVATE_NAMES` with where the package uses it, why, and the fastai functions that
+overrides two; each is listed in `PRIVATE_NAMES` with where the package uses it, why, and the fastai functions that
 must still use it. The reads go through `lookup` here and nowhere else; tests/test_fastai_internals.py checks that
 no other module imports, reads or overrides a private name of fastai, fastcore, fastprogress or fasttransform that
 is not listed, and that `check_private_names` finds every listed name where the package expects it. A release that
@@ -39,6 +39,11 @@ PRIVATE_NAMES: dict[str, PrivateName] = {
         "read by data/pipeline/pil.py: an item's (width, height) as fastai's RandomResizedCrop reads it, for the "
         "centre crop of validation items",
         ("fastai.vision.augment.RandomResizedCrop.before_call",)),
+    "fastai.learner.Learner._set_device": PrivateName(
+        "overridden by train/loop.py (the package Learner): fastai calls it on every batch to move it to the "
+        "model's device; the override returns a batch of plain tensors already there as it is (fastai's walks it "
+        "and evaluates default_device() each time, about 60 us a batch on the CPU here)",
+        ("fastai.learner.Learner.one_batch",)),
     "fastai.data.core.TfmdDL._pre_show_batch": PrivateName(
         "overridden by data/tensor_loader.py (TensorLoader): the override imports fastai.vision.learner first, "
         "which registers the image versions of show_batch, show_results and plot_top_losses (a 2 s import, paid "
