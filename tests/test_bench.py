@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastai import learner as fastai_learner
 from fastai.data.core import DataLoaders
 from torch import nn
 
 from tp3_fastai.bench import (FREEZE_MODES, LOOPS, BatchLoader, HostReadCounter, LearnerLoop, PlainLoop,
                               lever_skip_reason, mode_learner, resolve_config, spread,
-                              synthetic_batches, trainable_names, tune_learner)
+                              synthetic_batches, trainable_names)
 from tp3_fastai.cli import main as tp3
-from tp3_fastai.train.loop import is_tuned
 from tp3_fastai.transfer.features import feature_split
-from tp3_fastai.train.loop import Learner
+from tp3_fastai.train.loop import LeanRecorder, Learner
 from figures import assert_series
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_package_loop_trains_like_fastais_stock_loop_and_reads_the_host_less(syn
     dls, batches = syn
     package = mode_learner(dls, ARCH, "frozen", 0)
     stock = mode_learner(dls, ARCH, "frozen", 0, stock=True)
-    assert is_tuned(package) and isinstance(package, Learner) and type(stock) is not type(package)
+    assert type(package) is Learner and type(stock) is fastai_learner.Learner
     for learn in (package, stock):
         torch.manual_seed(0)
         LearnerLoop(learn, CPU).run(BatchLoader(batches, 4), 1, 3, 1)
@@ -156,14 +156,15 @@ def test_package_loop_trains_like_fastais_stock_loop_and_reads_the_host_less(syn
 
 
 def test_package_learner_still_exports_and_predicts(tmp_path):
-    """The lean loop changes classes and callbacks of every resnet_learner: export and predict must keep working."""
+    """Every resnet_learner is the package's Learner with the lean loop's callbacks: export and predict must keep
+    working."""
     from tp3_fastai.transfer.finetune import export_learner, predict, valid_predictions
     from tp3_fastai.data.images import image_dls
     from tp3_fastai.transfer.learner import resnet_learner
 
     dls = image_dls("lfw", size=32, bs=16, aug="default", cache_dir=tmp_path / "cache")
     learn = resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path)
-    assert is_tuned(learn) and tune_learner(learn) is learn  # idempotent
+    assert type(learn) is Learner and type(learn.recorder) is LeanRecorder
     learn.fit_one_cycle(1, 1e-3)
     assert len(learn.recorder.losses) == len(dls.train) and learn.recorder.losses[0].device.type == "cpu"
     probs, targs = valid_predictions(learn)

@@ -9,7 +9,7 @@ whole training-modes benchmark and its run folder) and ``report`` (its Markdown 
 from .freeze import CPU_MEMORY_NOTE, PRESETS, bench_training_modes, jpeg_folder, resolve_config
 from .loops import (BatchLoader, DeviceSmoothLoss, FastLearner, GroupTimer, HostLosses, HostReadCounter,
                     LeanRecorder, LearnerLoop, PlainLoop, PlainTensors, QuietMixedPrecision, StreamLoader,
-                    cycle_loader, host_reads_per_step, synthetic_batches, tune_learner, untune_learner)
+                    cycle_loader, host_reads_per_step, synthetic_batches)
 from .mnist import bench_mnist_loop, plain_epoch
 from .modes import (FREEZE_MODES, LEVER_PRECISIONS, LOOP_LABELS, LOOPS, MEMORY_FORMATS, MODE_LABELS,
                     bench_loaders, bench_overhead, bench_pipeline, lever_skip_reason, measure_cell, mode_learner,
@@ -25,7 +25,7 @@ __all__ = [
     # loops
     "BatchLoader", "StreamLoader", "cycle_loader", "synthetic_batches", "PlainLoop", "GroupTimer", "LearnerLoop",
     "DeviceSmoothLoss", "HostLosses", "PlainTensors", "LeanRecorder", "QuietMixedPrecision", "FastLearner",
-    "tune_learner", "untune_learner", "HostReadCounter", "host_reads_per_step",
+    "HostReadCounter", "host_reads_per_step",
     # mnist
     "plain_epoch", "bench_mnist_loop",
     # modes

@@ -1,6 +1,7 @@
 """Loaders and training loops the benchmarks time: fixed or streamed batches, the plain PyTorch loop, the package's
-fastai Learner timed the same way (its lean loop: tp3_fastai.train.loop, on by default; `untune_learner` gives
-fastai's stock loop for comparison) and a counter of host reads per step."""
+fastai Learner timed the same way (its lean loop: tp3_fastai.train.loop, built into the package's Learner;
+`stock=True` at construction gives fastai's own Learner and stock loop for comparison) and a counter of host reads
+per step."""
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.device import autocast, synchronize
-from ..train.loop import (DeviceSmoothLoss, HostLosses, LeanRecorder, PlainTensors, QuietMixedPrecision,  # noqa: F401
-                          tune_learner, untune_learner)
+from ..train.loop import (DeviceSmoothLoss, HostLosses, LeanRecorder, PlainTensors,  # noqa: F401
+                          QuietMixedPrecision)
 from ..train.loop import Learner as PackageLearner
 from ..train.optimizer import default_opt_func
 

@@ -18,7 +18,7 @@ from ..core.checks import check_name
 from ..train.learner import count_params
 from ..train.optimizer import default_opt_func
 from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
-                    synthetic_batches, untune_learner)
+                    synthetic_batches)
 from .timing import (step_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
                      timed)
 
@@ -36,8 +36,8 @@ LOOP_LABELS = {
     "plain": "plain PyTorch loop (the package's AdamW as a bare torch optimiser, OneCycleLR)",
     "package": "package Learner as built by resnet_learner / train_head_on_features (its default optimiser, torch "
                "AdamW, and lean loop: no per-batch host reads, events only to their callbacks, plain tensors)",
-    "stock": "the same Learner with fastai's stock loop (untune_learner: fastai's Learner class, Recorder, "
-             "MixedPrecision and tensor subclasses; what the package ran before)",
+    "stock": "the same Learner built as fastai's own (stock=True: fastai's Learner class, Recorder, metrics, "
+             "MixedPrecision, loss and tensor subclasses; what the package ran before)",
     "package_fastai_adam": "package Learner with fastai's own Adam (the package's default before; not the same "
                            "optimiser)",
 }
@@ -77,13 +77,13 @@ def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", 
     fastai_mode, train_bn = _mode_args(mode)
     set_seed(seed)
     learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=train_bn, progress=False,
-                           log=None, lr=lr, name=mode, channels_last=channels_last)
+                           log=None, lr=lr, name=mode, channels_last=channels_last, stock=stock)
     check_name(opt, ["package", "fastai"], "benchmark optimiser")
     if opt == "fastai":
         learn.opt_func = FastaiAdam
     set_mode(learn, fastai_mode, train_bn)
     learn.bench_mode = mode
-    return untune_learner(learn) if stock else learn
+    return learn
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -175,6 +175,8 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
     from fastai.metrics import accuracy
     from fastai.optimizer import Adam as FastaiAdam
 
+    from fastai.losses import CrossEntropyLossFlat as FastaiCrossEntropyLossFlat
+
     from ..train.loop import CrossEntropyLossFlat
     from ..transfer.features import feature_learner, feature_split, precompute_features
 
@@ -192,9 +194,9 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
 
             def head_learner(opt_func, stock=False):
                 set_seed(seed)
-                learn = feature_learner(copy.deepcopy(head), dls, CrossEntropyLossFlat(), opt_func, lr,
-                                        metrics=accuracy, precision=precision)
-                return untune_learner(learn) if stock else learn
+                loss_func = FastaiCrossEntropyLossFlat() if stock else CrossEntropyLossFlat()
+                return feature_learner(copy.deepcopy(head), dls, loss_func, opt_func, lr, metrics=accuracy,
+                                       precision=precision, stock=stock)
 
             for name in loops:
                 if name == "plain":

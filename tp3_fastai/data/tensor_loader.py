@@ -230,7 +230,7 @@ class TensorLoader(TfmdDL):
                              f"evenly across processes, choose a multiple of {world}")
         return self.new(bs=self.bs // world, rank=rank, world=world, gen=self.gen)
 
-    def _pre_show_batch(self, b: Any, max_n: int = 9) -> Any:
+    def _pre_show_batch(self, b: Any, max_n: int = 9) -> Any:  # fastai's private hook: core.fastai_internals
         import fastai.vision.learner  # noqa: F401  (registers show_batch, show_results, plot_top_losses for images)
 
         return super()._pre_show_batch(b, max_n=max_n)

@@ -9,20 +9,21 @@ from fastai.metrics import accuracy
 from torch import nn
 
 from ..train.learner import CrossEntropy, setup_learner
-from ..train.loop import Learner
+from ..train.loop import Learner, learner_class
 from ..train.optimizer import default_opt_func
 from .models import create_model
 
 
 def mnist_learner(dls: DataLoaders, arch: str | nn.Module = "cnn", lr: float = 1e-3, precision: str = "fp32",
                   csv_path: str | Path | None = None, opt_func: Callable | None = None, progress: bool | None = None,
-                  log: Callable[[str], None] | None = print, path: str | Path = ".") -> Learner:
+                  log: Callable[[str], None] | None = print, path: str | Path = ".", stock: bool = False) -> Learner:
     """A Learner (cross-entropy, accuracy, the package's optimiser unless `opt_func`: see
-    optimizer.default_opt_func) for an MNIST model, recording curves."""
+    optimizer.default_opt_func) for an MNIST model, recording curves. The package's lean Learner, or with `stock`
+    fastai's own (its stock loop, for comparisons: train.loop.learner_class)."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
     model = create_model(arch) if isinstance(arch, str) else arch
-    learn = Learner(dls, model, loss_func=CrossEntropy(), opt_func=opt_func or default_opt_func(dls.device),
-                    lr=lr, metrics=accuracy, path=path)
+    learn = learner_class(stock)(dls, model, loss_func=CrossEntropy(), lr=lr, metrics=accuracy, path=path,
+                                 opt_func=opt_func or default_opt_func(dls.device))
     return setup_learner(learn, precision, csv_path, name=arch if isinstance(arch, str) else "",
                          progress=progress, log=log)

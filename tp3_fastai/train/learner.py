@@ -12,7 +12,7 @@ from torch import nn
 
 from .curves import CurvesCallback
 from ..core.device import resolve_channels_last
-from .loop import Learner, tune_learner
+from .loop import Learner
 
 
 class CrossEntropy(nn.CrossEntropyLoss):
@@ -39,8 +39,9 @@ def setup_learner(learn: Learner, precision: str = "fp32", csv_path: str | Path 
 
     `precision` must already be resolved for the device (see device.resolve_precision); it is kept as
     `learn.precision` so that summaries state what ran. `channels_last`: None decides by the DataLoaders' device
-    (device.resolve_channels_last: on for CUDA), kept as `learn.memory_format`. The loop is the package's lean
-    fastai loop (fastloop.tune_learner). Progress bars show only on a TTY or in a notebook.
+    (device.resolve_channels_last: on for CUDA), kept as `learn.memory_format`. Mixed precision is what the
+    learner's class adds: QuietMixedPrecision for the package's Learner (train.loop), fastai's MixedPrecision for
+    fastai's own. Progress bars show only on a TTY or in a notebook.
     """
     if progress is None:
         progress = sys.stdout.isatty() or in_notebook()
@@ -48,7 +49,6 @@ def setup_learner(learn: Learner, precision: str = "fp32", csv_path: str | Path 
         learn.remove_cb(ProgressCallback)
         learn.logger = noop  # the curves callback prints one readable line per epoch instead
     learn.add_cb(CurvesCallback(csv_path, log=None if progress else log, name=name))
-    tune_learner(learn)  # before to_fp16 / to_bf16, which the package's Learner class makes quiet
     if precision == "fp16":
         learn.to_fp16()
     elif precision == "bf16":

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from fastai.optimizer import OptimWrapper, set_item_pg
+from fastcore.basics import even_mults
 from fastcore.foundation import L
 
 ADAM_HYPERS = dict(betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01)  # fastai.optimizer.Adam's defaults
@@ -61,17 +62,17 @@ class TorchOptimizer(OptimWrapper):
         return out
 
     def set_hyper(self, k: str, v: Any) -> None:
-        if isinstance(v, slice):
-            return super().set_hyper(k, v)  # fastai spreads a slice over the groups
         n = len(self.opt.param_groups) // 2
+        if isinstance(v, slice):  # spread over the groups as fastai's optimisers spread it (_BaseOptimizer)
+            v = even_mults(v.start, v.stop, n) if v.start else [v.stop / 10] * (n - 1) + [v.stop]
         vals = list(v) if isinstance(v, (list, tuple, L)) or (isinstance(v, np.ndarray) and v.ndim) else [v]
         if len(vals) == 1:
             vals = vals * n
         if len(vals) != n:
             raise AssertionError(f"Trying to set {len(vals)} values for {k} but there are {n} parameter groups.")
-        self._set_hyper(k, vals)
+        self._write_hyper(k, vals)
 
-    def _set_hyper(self, k: str, v: Any) -> None:
+    def _write_hyper(self, k: str, v: Any) -> None:
         name, groups = self.bwd_map[k], self.opt.param_groups
         for i, v_ in enumerate(v):
             set_item_pg(groups[2 * i], name, v_)

@@ -117,15 +117,18 @@ def unaugmented_loader(dls: DataLoaders, split: str = "train"):
 def feature_learner(head: nn.Module, dls: DataLoaders, loss_func: Callable, opt_func: Callable, lr: float,
                     wd: float | None = None, metrics: Any = None, precision: str = "fp32",
                     csv_path: str | Path | None = None, progress: bool | None = False,
-                    log: Callable[[str], None] | None = None, path: str | Path = ".") -> FastaiLearner:
+                    log: Callable[[str], None] | None = None, path: str | Path = ".",
+                    stock: bool = False) -> FastaiLearner:
     """The package's Learner training `head` (every parameter trainable) on feature DataLoaders, with learning
-    curves and `precision` (see learners.setup_learner)."""
+    curves and `precision` (see train.learner.setup_learner); with `stock` fastai's own Learner (its stock loop,
+    for comparisons: train.loop.learner_class)."""
     from ..train.learner import setup_learner
-    from ..train.loop import Learner
+    from ..train.loop import learner_class
 
     for p in head.parameters():
         p.requires_grad_(True)
-    learn = Learner(dls, head, loss_func=loss_func, opt_func=opt_func, lr=lr, wd=wd, metrics=metrics, path=path)
+    learn = learner_class(stock)(dls, head, loss_func=loss_func, opt_func=opt_func, lr=lr, wd=wd, metrics=metrics,
+                                 path=path)
     return setup_learner(learn, precision, csv_path, name="precomputed", progress=progress, log=log)
 
 

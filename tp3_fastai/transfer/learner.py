@@ -1,5 +1,5 @@
-"""Part II of the practical: a timm model through fastai's vision_learner (`resnet_learner`), and the three modes
-of training it: from scratch, fine-tuned or with a frozen body (`set_mode`, `train_mode`)."""
+"""Part II of the practical: a timm model with a fastai head as fastai's vision_learner builds it (`resnet_learner`),
+and the three modes of training it: from scratch, fine-tuned or with a frozen body (`set_mode`, `train_mode`)."""
 from __future__ import annotations
 
 import time
@@ -12,14 +12,16 @@ import torch
 from fastai.callback.core import Callback, CancelEpochException
 from fastai.callback.training import BnFreeze
 from fastai.data.core import DataLoaders
+from fastai.data.transforms import get_c
 from fastai.learner import Learner
-from fastai.losses import CrossEntropyLossFlat
+from fastai.losses import CrossEntropyLossFlat as FastaiCrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.vision.learner import vision_learner
+from fastai.vision.learner import create_timm_model, default_split
 from torch import nn
 
 from ..core.checks import check_name
 from ..train.learner import count_params, setup_learner
+from ..train.loop import CrossEntropyLossFlat, learner_class
 from ..train.optimizer import default_opt_func
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
 from .weights import check_normalization
@@ -110,8 +112,14 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
                    precision: str = "fp32", channels_last: bool | None = None, train_bn: bool = True,
                    csv_path: str | Path | None = None, progress: bool | None = None,
                    log: Callable[[str], None] | None = print, path: str | Path = ".", lr: float = 2e-3,
-                   name: str = "", size: int | None = None) -> Learner:
-    """A timm model (body + a new fastai head sized to the classes) via `vision_learner`, with every layer trainable.
+                   name: str = "", size: int | None = None, stock: bool = False) -> Learner:
+    """A timm model (body + a new fastai head sized to the classes), with every layer trainable, in the package's
+    Learner (fastai's own with `stock`: its stock loop, for comparisons).
+
+    Built from fastai's public pieces as fastai's `vision_learner(dls, arch, normalize=False, pretrained=False)`
+    builds it: `create_timm_model` (fastai's head, its initialisation), the body / head splitter `default_split`
+    (freezing works), the same attributes (`arch`, `n_out`, `n_in`, `normalize`); the learner's class is the
+    package's from the start, with the package's CrossEntropyLossFlat (fastai's with `stock`).
 
     `pretrained`: True (ImageNet weights from the timm / Hugging Face hub), False (random init) or the path of a
     .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with
@@ -131,9 +139,14 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     if pretrained is True:  # download before building, so an offline error comes first and fast
         hub_sd, hub_id = hub_state_dict(arch, n_in)
         weights = f"timm hub: {hub_id}"
-    learn = vision_learner(dls, arch, normalize=False, pretrained=False, n_in=n_in, loss_func=CrossEntropyLossFlat(),
-                           metrics=accuracy, lr=lr, path=path, train_bn=train_bn,
-                           opt_func=default_opt_func(dls.device))
+    n_out = get_c(dls)
+    if not n_out:
+        raise ValueError("the number of classes is unknown: the DataLoaders have no `c` (set dls.c)")
+    model, _ = create_timm_model(arch, n_out, pretrained=False, n_in=n_in)  # hub weights are loaded below
+    loss_func = FastaiCrossEntropyLossFlat() if stock else CrossEntropyLossFlat()
+    learn = learner_class(stock)(dls, model, loss_func=loss_func, metrics=accuracy, lr=lr, path=path,
+                                 splitter=default_split, train_bn=train_bn, opt_func=default_opt_func(dls.device))
+    learn.arch, learn.n_out, learn.n_in, learn.normalize = arch, n_out, n_in, False  # as vision_learner records
     if size is not None:
         check_image_size(learn.model[0], size, n_in)
     body = learn.model[0].model

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import IndexSplitter
-from fastai.vision.augment import RandomResizedCrop, _get_sz
+from fastai.vision.augment import RandomResizedCrop
 from fastai.vision.core import PILImage, load_image
 from fastai.vision.data import ImageBlock
 from PIL import Image
 
+from ...core.fastai_internals import get_sz
 from .files import to_rgb
 from .loader import ImageFolderDL
 
@@ -36,7 +37,7 @@ class CropResize(RandomResizedCrop):
     def before_call(self, b, split_idx: int) -> None:
         if self.augment and not split_idx:
             return super().before_call(b, split_idx)
-        w, h = self.orig_sz = _get_sz(b)
+        w, h = self.orig_sz = get_sz(b)
         tw, th = self.size
         m = min(w / tw, h / th)
         self.cp_size = (max(1, round(m * tw)), max(1, round(m * th)))
