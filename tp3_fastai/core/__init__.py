@@ -1,2 +1,3 @@
 """The ground floor: the device and the precision that really run (`device`), run folders, JSON files,
-Markdown tables and figures (`runs`). Imports nothing else of the package."""
+Markdown tables and figures (`runs`), configuration dataclasses and the default cache folder (`config`), checks of
+user-given names (`checks`). Imports nothing else of the package."""
