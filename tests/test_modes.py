@@ -182,15 +182,27 @@ def test_run_command_frozen_freezes_batchnorm_and_frozen_bn_trains_it(tmp_path):
 
 
 # ---------------------------------------------------------------- old spellings
-@pytest.mark.parametrize("argv", [["finetune", "--no-train-bn"], ["finetune", "--train-bn"],
-                                  ["bench", "--modes", "unfrozen,frozen_train_bn", "--quick"],
-                                  ["bench", "--overhead-modes", "frozen_train_bn", "--quick"]])
-def test_old_spellings_are_refused_naming_the_new_one(argv, tmp_path, capsys):
+SMALL = {"finetune": ["--arch", ARCH, "--size", "32", "--epochs", "2", "--aug", "none", "--device", "cpu"],
+         "bench": ["--quick", "--arch", ARCH, "--size", "32", "--bs", "4", "--steps", "1", "--repeats", "1",
+                   "--warmup", "1", "--precisions", "fp32", "--formats", "contiguous", "--no-pipeline",
+                   "--device", "cpu"]}  # were the refusal gone, the run would stay short
+
+
+TRAIN_BN_GONE = ("error: --train-bn and --no-train-bn are gone: the modes say it (--modes frozen freezes the body's "
+                 "BatchNorm with the body, --modes frozen_bn trains it)")
+RENAMED = "error: training mode 'frozen_train_bn' is now called 'frozen_bn': frozen_bn (body frozen, its BatchNorm"
+
+
+@pytest.mark.parametrize("argv, message", [(["finetune", "--no-train-bn"], TRAIN_BN_GONE),
+                                           (["finetune", "--train-bn"], TRAIN_BN_GONE),
+                                           (["bench", "--modes", "unfrozen,frozen_train_bn"], RENAMED),
+                                           (["bench", "--overhead-modes", "frozen_train_bn"], RENAMED)])
+def test_old_spellings_are_refused_naming_the_new_one(argv, message, cache, tmp_path, capsys):
     out = tmp_path / "r"
     with pytest.raises(SystemExit) as e:
-        tp3([*argv, "--out", str(out)])
+        tp3([*argv, *SMALL[argv[0]], "--cache-dir", str(cache), "--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "frozen_bn" in err and "error: " in err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(message), err
     assert not out.exists()  # refused before any work
 
 
@@ -203,3 +215,26 @@ def test_old_keywords_are_refused_naming_the_new_one(tmp_path):
     with pytest.raises(TypeError):
         set_mode(None, "frozen", train_bn=False)
     assert not (tmp_path / "r").exists()
+
+
+def _old_run(folder: Path, modes: list[str], train_bn: bool) -> Path:
+    """A run folder as finetune wrote it before the modes table: train_bn beside the modes."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(
+        data="lfw", arch=ARCH, size=32, bs=32, epochs=2, modes=modes, pretrained=False, lr=2e-3, freeze_epochs=1,
+        train_bn=train_bn, aug="none", seed=42, channels_last=False, weights="random init")))
+    return folder
+
+
+def test_resume_reads_an_old_run_folder_and_refuses_one_whose_frozen_meant_frozen_bn(tmp_path):
+    from tp3_fastai.transfer.finetune import FinetuneConfig, plan_finetune
+
+    plan = plan_finetune(FinetuneConfig(resume=_old_run(tmp_path / "a", ["scratch", "finetune"], True)))
+    assert (plan.arch, plan.modes, plan.size, plan.epochs) == (ARCH, ["scratch", "finetune"], 32, 2)
+    plan = plan_finetune(FinetuneConfig(resume=_old_run(tmp_path / "b", ["frozen"], False)))
+    assert plan.modes == ["frozen"]  # train_bn=False: the old frozen is the new one
+    with pytest.raises(ValueError, match=r"its 'frozen' trained the body's BatchNorm \(train_bn=True\), which is "
+                                         r"'frozen_bn' now.*start a new run"):
+        plan_finetune(FinetuneConfig(resume=_old_run(tmp_path / "c", ["scratch", "frozen"], True)))
+    with pytest.raises(ValueError, match=r"its 'finetune' kept the body's BatchNorm frozen"):
+        plan_finetune(FinetuneConfig(resume=_old_run(tmp_path / "d", ["finetune"], False)))
