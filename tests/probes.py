@@ -120,6 +120,36 @@ class RankWork(Probe):
         self.record["local_grad"] = torch.cat([g.detach().flatten() for g in local])
 
 
+def body_batchnorms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The BatchNorm layers of a (body, head) model's body (fastai's vision_learner: `model[0]`)."""
+    return [m for m in get_model(model)[0].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def batchnorm_state(bns: list[torch.nn.Module]) -> dict[str, list[torch.Tensor]]:
+    """Copies of the layers' weights, biases, running means and variances."""
+    return {k: [getattr(m, k).detach().cpu().clone() for m in bns]
+            for k in ("weight", "bias", "running_mean", "running_var")}
+
+
+class BatchNormWatch(Probe):
+    """The body's BatchNorm layers around the learner's fits: their state before the first fit and after the last
+    one, and whether they were in training mode at each training batch; `mode` is the learner's name (the
+    training mode, as the package names its learners)."""
+
+    def before_fit(self) -> None:
+        curves = getattr(self.learn, "curves", None)
+        self.record.setdefault("mode", getattr(curves, "label", None))
+        self.record.setdefault("before", batchnorm_state(body_batchnorms(self.learn.model)))
+
+    def before_batch(self) -> None:
+        if self.training:
+            self.record.setdefault("bn_training", set()).update(m.training for m in body_batchnorms(self.learn.model))
+
+    def after_fit(self) -> None:
+        self.record["after"] = batchnorm_state(body_batchnorms(self.learn.model))
+        super().after_fit()
+
+
 def install(probe: type[Probe], out: str | Path | None = None) -> type[Probe]:
     """From now on every Learner created gets a `probe` (saving its records to `out` after each fit, if given);
     returns the installed class, whose `records` lists what each learner's probe recorded."""

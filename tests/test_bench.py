@@ -15,7 +15,7 @@ from fastai import learner as fastai_learner
 from fastai.data.core import DataLoaders
 from torch import nn
 
-from tp3_fastai.bench import (FREEZE_MODES, LOOPS, BatchLoader, HostReadCounter, LearnerLoop, PlainLoop,
+from tp3_fastai.bench import (BENCH_MODES, LOOPS, BatchLoader, HostReadCounter, LearnerLoop, PlainLoop,
                               lever_skip_reason, mode_learner, resolve_config, spread,
                               synthetic_batches, trainable_names)
 from tp3_fastai.cli import main as tp3
@@ -51,25 +51,25 @@ def _script(name: str):
 
 def test_modes_train_exactly_the_expected_parameters(syn):
     dls, batches = syn
-    learners = {m: mode_learner(dls, ARCH, m, seed=0) for m in FREEZE_MODES}
+    learners = {m: mode_learner(dls, ARCH, m, seed=0) for m in BENCH_MODES}
     model = learners["unfrozen"].model
     every = {n for n, _ in model.named_parameters()}
     head = {f"1.{n}" for n, _ in model[1].named_parameters()}
     body_bn = _bn_param_names(model[0], "0.")
     assert trainable_names(learners["unfrozen"].model) == every
-    assert trainable_names(learners["frozen_train_bn"].model) == head | body_bn  # fastai's default
-    assert trainable_names(learners["frozen"].model) == head  # train_bn=False: exactly the head
+    assert trainable_names(learners["frozen_bn"].model) == head | body_bn  # fastai's default freeze()
+    assert trainable_names(learners["frozen"].model) == head  # BatchNorm frozen too: exactly the head
     # precomputed trains, on cached features, the very parameter tensors of its learner that would train: the head
     pre = learners["precomputed"].model
     _, cached_head = feature_split(pre)
     assert {id(p) for p in cached_head.parameters()} == {id(p) for p in pre.parameters() if p.requires_grad} \
         == {id(p) for p in pre[1].parameters()}
     # same seed: every mode starts from the same weights
-    for m in FREEZE_MODES:
+    for m in BENCH_MODES:
         for (n, a), b in zip(model.state_dict().items(), learners[m].model.state_dict().values()):
             assert torch.equal(a, b), (m, n)
 
-    # a frozen (train_bn=False) step moves the head only: body weights and BatchNorm statistics stay
+    # a frozen step (BatchNorm frozen too) moves the head only: body weights and BatchNorm statistics stay
     frozen = learners["frozen"].model
     body_before = copy.deepcopy(frozen[0].state_dict())
     head_before = copy.deepcopy(frozen[1].state_dict())
@@ -199,7 +199,7 @@ def test_quick_smoke_run_writes_consistent_outputs(tmp_path):
     assert grid[0]["baseline"] and (grid[0]["mode"], grid[0]["precision"]) == ("unfrozen", "fp32")
     assert len(grid) == 4 * 3 * 2  # modes x precisions x formats, cudnn.benchmark n/a on CPU
     ok = [g for g in grid if g["status"] == "ok"]
-    assert {(g["mode"], g["memory_format"]) for g in ok} == {(m, f) for m in FREEZE_MODES
+    assert {(g["mode"], g["memory_format"]) for g in ok} == {(m, f) for m in BENCH_MODES
                                                              for f in ("contiguous", "channels_last")}
     assert all(g["precision"] == "fp32" for g in ok)
     assert all(g["status"] == "skipped: needs CUDA" for g in grid if g["precision"] != "fp32")
@@ -212,8 +212,8 @@ def test_quick_smoke_run_writes_consistent_outputs(tmp_path):
         assert 0 < g["trainable_params"] <= g["total_params"]
     assert grid[0]["speedup_vs_baseline"] == 1.0
     by_mode = {g["mode"]: g for g in ok if g["memory_format"] == "contiguous"}
-    params = {m: by_mode[m]["trainable_params"] for m in FREEZE_MODES}
-    assert params["unfrozen"] > params["frozen_train_bn"] > params["frozen"] == params["precomputed"]
+    params = {m: by_mode[m]["trainable_params"] for m in BENCH_MODES}
+    assert params["unfrozen"] > params["frozen_bn"] > params["frozen"] == params["precomputed"]
     pre = by_mode["precomputed"]
     assert pre["cache_images_per_s"] > 0 and pre["cache_s"] == pytest.approx(100 / pre["cache_images_per_s"])
     assert pre["estimate_s"] == pytest.approx(pre["cache_s"] + 5 * pre["epoch_s"])
@@ -256,7 +256,7 @@ def test_quick_smoke_run_writes_consistent_outputs(tmp_path):
         prefix = f"| {o['mode']} | {o['loop']}{'' if o['same_optimizer'] else ' (other optimiser)'} | "
         (line,) = [line for line in loops if line.startswith(prefix)]
         assert f"| {o['images_per_s']:.4g} | {o['ratio_vs_plain']:.3f} |" in line
-    assert_series(out / "bench.png", len(FREEZE_MODES), min_pixels=200)  # a bar colour per mode
+    assert_series(out / "bench.png", len(BENCH_MODES), min_pixels=200)  # a bar colour per mode
 
 
 def test_mnist_loop_benchmark_keeps_its_result():
@@ -282,5 +282,5 @@ def test_script_help_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as bad:  # the script's command function, in this process
         tp3(["bench", "--modes", "frozn", "--quick", "--device", "cpu", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()
-    assert bad.value.code == 2 and err.startswith("error: unknown benchmark mode 'frozn'")
+    assert bad.value.code == 2 and err.startswith("error: unknown training mode 'frozn'")
     assert len(err.splitlines()) == 1 and not (tmp_path / "bad").exists()

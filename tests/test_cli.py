@@ -153,7 +153,7 @@ def test_label_efficiency_takes_its_options(tmp_path, capsys):
     assert f"run folder: {out}" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["ks"], config["seeds"], config["modes"]) == ([2], [0], ["scratch", "finetune"])
-    assert config["lr_mult"] == 4 and config["recalibrate_bn"] is False and config["weights"] == str(weights)
+    assert config["lr_mult"] == 4 and config["recalibrate"] is False and config["weights"] == str(weights)
     with open(out / "runs.csv", newline="") as f:
         assert [(r["mode"], r["k"], r["seed"], r["n_train"]) for r in csv.DictReader(f)] == [
             ("scratch", "2", "0", "10"), ("finetune", "2", "0", "10")]

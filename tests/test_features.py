@@ -1,5 +1,5 @@
-"""Precomputed body features: the split, the cache, the head-only training path and its equivalence with fastai's
-frozen mode (train_bn=False) on the same batch."""
+"""Precomputed body features: the split, the cache, the head-only training path and its equivalence with the
+`frozen` mode (body and its BatchNorm frozen: fastai's train_bn=False) on the same batch."""
 from __future__ import annotations
 
 import copy
@@ -104,12 +104,12 @@ def test_precompute_features_is_deterministic_unaugmented_and_restores_mode(dls,
 
 
 def test_head_gradients_equal_the_frozen_full_model_path_without_bn_training(dls, tmp_path):
-    """The cached path is fastai's frozen mode with train_bn=False: body parameters frozen and body BatchNorm in
+    """The cached path is the `frozen` mode (fastai's train_bn=False): body parameters frozen and body BatchNorm in
     eval mode (BnFreeze), so the body is a fixed function and its cache is exact. Same batch, same dropout masks:
     the head gradients agree."""
     x, y = (t.as_subclass(torch.Tensor) for t in next(iter(unaugmented_loader(dls, "valid"))))
     full = _learner(dls, tmp_path, train_bn=False)
-    set_mode(full, "frozen", train_bn=False)
+    set_mode(full, "frozen")
     cached = copy.deepcopy(full.model)  # same weights, separate modules
     full_grads = _one_batch_fit(full, x, y, full.model[1].parameters())
 
@@ -124,10 +124,10 @@ def test_head_gradients_equal_the_frozen_full_model_path_without_bn_training(dls
         assert torch.allclose(g_full, g_head, rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in head_grads)
 
-    # fastai's default frozen mode (train_bn=True) normalises the body with each batch's statistics: another
+    # frozen_bn (fastai's default freeze(), train_bn=True) normalises the body with each batch's statistics: another
     # function of the image than the cache (eval-mode BatchNorm), so its head gradients differ.
     bn_learn = _learner(dls, tmp_path, train_bn=True)
-    set_mode(bn_learn, "frozen", train_bn=True)
+    set_mode(bn_learn, "frozen_bn")
     bn_grads = _one_batch_fit(bn_learn, x, y, bn_learn.model[1].parameters())
     assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(bn_grads, head_grads))
 

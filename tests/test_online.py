@@ -192,7 +192,7 @@ def test_the_command_line_reads_the_mirror_from_the_environment(mirror, tmp_path
 
 def test_hymenoptera_downloads_extracts_and_trains_then_is_not_downloaded_again(mirror, tmp_path):
     cache = tmp_path / "cache"
-    s = finetune_experiment("hymenoptera", arch=ARCH, modes=["scratch"], out=tmp_path / "run", cache_dir=cache,
+    s = finetune_experiment(data="hymenoptera", arch=ARCH, modes=["scratch"], out=tmp_path / "run", cache_dir=cache,
                             mirror=mirror.url, log=lambda line: None, **FAST)
     assert mirror.requests["/hymenoptera_data.zip"] == 1
     assert s["data"]["layout"] == "train/ + val/" and s["data"]["classes"] == ["ants", "bees"]
@@ -201,7 +201,7 @@ def test_hymenoptera_downloads_extracts_and_trains_then_is_not_downloaded_again(
     assert [p.name for p in (cache / "data").iterdir()] == ["hymenoptera_data"]  # no archive, no temporary files
     assert len((tmp_path / "run" / "metrics_scratch.csv").read_text().splitlines()) == 2  # header + 1 epoch
     assert (tmp_path / "run" / "model.pkl").is_file()
-    finetune_experiment("hymenoptera", arch=ARCH, modes=["scratch"], out=tmp_path / "run2", cache_dir=cache,
+    finetune_experiment(data="hymenoptera", arch=ARCH, modes=["scratch"], out=tmp_path / "run2", cache_dir=cache,
                         mirror=mirror.url, log=lambda line: None, **FAST)
     assert mirror.requests["/hymenoptera_data.zip"] == 1
 
@@ -375,7 +375,7 @@ def test_hub_weights_bring_their_normalisation_into_the_run(offline_hub, lfw_cac
                                          r"mean \(0\.5, 0\.5, 0\.5\) and std \(0\.5, 0\.5, 0\.5\)"):
         resnet_learner(plain, ARCH, pretrained=True, path=tmp_path, progress=False, log=None)
     lines = []
-    s = finetune_experiment(arch=ARCH, pretrained=True, modes=["frozen"], train_bn=False, out=tmp_path / "run",
+    s = finetune_experiment(arch=ARCH, pretrained=True, modes=["frozen"], out=tmp_path / "run",
                             cache_dir=lfw_cache, log=lines.append, **FAST)
     run = tmp_path / "run"
     config = json.loads((run / "config.json").read_text())
@@ -398,7 +398,7 @@ def test_finetune_script_pretrained_loads_exactly_the_hub_tensors(hf_home, tmp_p
     env.pop("HF_HUB_CACHE", None)
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--arch", "resnet18", "--pretrained", "--modes",
-           "frozen", "--epochs", "1", "--size", "32", "--bs", "16", "--no-train-bn", "--aug", "none", "--device",
+           "frozen", "--epochs", "1", "--size", "32", "--bs", "16", "--aug", "none", "--device",
            "cpu", "--cache-dir", str(tmp_path / "cache"), "--out", str(run)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert p.returncode == 0, p.stderr

@@ -371,7 +371,7 @@ def test_finetune_records_the_pipeline_and_the_commands_take_it(jpegs, tmp_path)
 
     for command in (cli.finetune, cli.run, cli.bench_freeze):
         assert "--pipeline" in anno_parser(command).format_help()
-    s = finetune_experiment(str(jpegs), arch="test_resnet", size=SIZE, bs=8, epochs=1, modes=["scratch"],
+    s = finetune_experiment(data=str(jpegs), arch="test_resnet", size=SIZE, bs=8, epochs=1, modes=["scratch"],
                             pipeline="cached", out=tmp_path / "run", cache_dir=tmp_path / "cache", progress=False,
                             log=lambda m: None)
     config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -74,7 +74,7 @@ def test_part_two_runs_the_image_folder_experiment_when_given_images(tmp_path):
     run = run_practical(parts=("transfer",), images="lfw", arch="test_resnet", transfer_epochs=2,
                         out=tmp_path / "r", log=lambda s: None)
     md = (run / "report.md").read_text()
-    assert "## Part II: transfer learning, scratch vs fine-tune vs frozen" in md and "random init" in md
+    assert "## Part II: transfer learning, scratch vs finetune vs frozen" in md and "random init" in md
     assert (run / "part2_transfer" / "comparison.png").is_file() and "## Part I:" not in md
 
 

@@ -15,10 +15,13 @@ from tp3_fastai.transfer import label_efficiency as LE
 from tp3_fastai.transfer import pretrain as P
 from tp3_fastai.data import tasks as T
 from tp3_fastai.data.mnist import MNIST_MEAN, MNIST_STD
+from tp3_fastai.train.modes import DEFAULT_MODES
 from tp3_fastai.transfer.learner import resnet_learner
 from tp3_fastai.transfer.weights import RANDOM_INIT
 from figures import assert_series
 from probes import FirstInputs, installed
+
+STUDY_MODES = DEFAULT_MODES["label-efficiency"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # timm's smallest ResNet (0.4M parameters, deep stem like resnet10t) keeps this file within its time budget;
@@ -36,7 +39,7 @@ def tasks():
 @pytest.fixture(scope="session")
 def body(tasks, tmp_path_factory):
     cache = tmp_path_factory.mktemp("bodies")
-    path, info = P.pretrained_body(ARCH, SIZE, epochs=PRE_EPOCHS, source=tasks[0], cache_dir=cache, log=None,
+    path, info = P.pretrained_body(arch=ARCH, size=SIZE, epochs=PRE_EPOCHS, source=tasks[0], cache_dir=cache, log=None,
                                    progress=False)
     return path, info, cache
 
@@ -74,7 +77,8 @@ def test_pretrained_body_round_trips_through_resnet_learner(tasks, body):
 
 def test_the_cache_returns_the_same_body_and_retrains_on_another_configuration(tasks, body, tmp_path):
     path, info, cache = body
-    again, info2 = P.pretrained_body(ARCH, SIZE, epochs=PRE_EPOCHS, source=tasks[0], cache_dir=cache, log=None)
+    again, info2 = P.pretrained_body(arch=ARCH, size=SIZE, epochs=PRE_EPOCHS, source=tasks[0], cache_dir=cache,
+                                     log=None)
     assert again == path and info2["cached"] is True and info2["sha256"] == info["sha256"]
     config = P.body_config(tasks[0], ARCH, SIZE, 1, PRE_EPOCHS)
     assert path.stem == P.body_key(config)
@@ -180,7 +184,7 @@ def test_inputs_are_padded_with_background_and_normalised_the_same_in_every_mode
     seen = {}
     for mode in ("scratch", "frozen", "finetune"):
         with installed(FirstInputs) as records:
-            LE.target_run(tasks[1], mode, 5, 0, body[0], ARCH, SIZE, epochs=2, bs=16)
+            LE.target_run(tasks[1], mode, 5, 0, weights=body[0], arch=ARCH, size=SIZE, epochs=2, bs=16)
         (seen[mode],) = [r for r in records if r]
     test = T.prepare(tasks[1].x_test, SIZE, MNIST_MEAN, MNIST_STD)
     x_train, _ = tasks[1].train(5, 0)
@@ -201,21 +205,21 @@ def test_finetune_beats_scratch_with_10_labels_per_class(tasks, body):
     # 0.142, 0.122 (body 0.978). Thresholds leave about one seed's spread below the smallest.
     margins = []
     for seed in SEEDS:
-        _, ft = LE.target_run(tasks[1], "finetune", K, seed, body[0], ARCH, SIZE, epochs=EPOCHS)
-        _, sc = LE.target_run(tasks[1], "scratch", K, seed, body[0], ARCH, SIZE, epochs=EPOCHS)
+        _, ft = LE.target_run(tasks[1], "finetune", K, seed, weights=body[0], arch=ARCH, size=SIZE, epochs=EPOCHS)
+        _, sc = LE.target_run(tasks[1], "scratch", K, seed, weights=body[0], arch=ARCH, size=SIZE, epochs=EPOCHS)
         margins.append(ft["test_accuracy"] - sc["test_accuracy"])
         assert ft["weights"].startswith("file:") and sc["weights"] == RANDOM_INIT
     assert min(margins) > 0.06 and sum(margins) / len(margins) > 0.10, margins
 
 
 def test_frozen_training_leaves_the_body_unchanged(tasks, body):
-    learn, r = LE.target_run(tasks[1], "frozen", 5, 0, body[0], ARCH, SIZE, epochs=2)
+    learn, r = LE.target_run(tasks[1], "frozen", 5, 0, weights=body[0], arch=ARCH, size=SIZE, epochs=2)
     saved = load_file(str(body[0]))
     after = {k: v.cpu() for k, v in learn.model[0].model.state_dict().items()}  # trained on --device
     assert all(torch.equal(saved[k], after[k]) for k in saved)  # weights and BatchNorm statistics
     assert r["trainable_params"] == sum(p.numel() for p in learn.model[1].parameters())  # the head alone
 
-    learn, _ = LE.target_run(tasks[1], "frozen_bn", 5, 0, body[0], ARCH, SIZE, epochs=2)
+    learn, _ = LE.target_run(tasks[1], "frozen_bn", 5, 0, weights=body[0], arch=ARCH, size=SIZE, epochs=2)
     after = {k: v.cpu() for k, v in learn.model[0].model.state_dict().items()}
     bn = {f"{n}.{p}" for n, m in learn.model[0].model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
           for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
@@ -253,27 +257,27 @@ def test_a_tiny_label_efficiency_run_writes_png_json_and_markdown(tasks, body, t
     assert {p.name for p in run.iterdir()} >= {"config.json", "runs.csv", "label_efficiency.json",
                                                 "label_efficiency.png", "label_efficiency.md", "summary.json"}
     acc = json.loads((run / "label_efficiency.json").read_text())
-    assert set(acc) == set(LE.STUDY_MODES)
+    assert set(acc) == set(STUDY_MODES)
     assert all(set(per_k) == {"2", "3"} and all(len(v) == 2 for v in per_k.values()) for per_k in acc.values())
     # one row per run in runs.csv, as the runs went (k, then seed, then mode); its test accuracy is the JSON's, a
     # count of the 125 test digits
     with open(run / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["k"], r["seed"], r["mode"]) for r in rows] == [(k, s, m) for k in "23" for s in "01"
-                                                              for m in LE.STUDY_MODES]
+                                                              for m in STUDY_MODES]
     for r in rows:
         a = acc[r["mode"]][r["k"]][int(r["seed"])]
         assert float(r["test_accuracy"]) == pytest.approx(a, abs=1e-5) and (a * 125) == pytest.approx(round(a * 125))
     md = (run / "label_efficiency.md").read_text()
     assert "| labels per class | scratch | frozen | frozen_bn | finetune |" in md and "`pytest`" in md
     for k in "23":  # the table's cells: mean ± std over the seeds
-        cells = [f"{np.mean(acc[m][k]):.3f} ± {np.std(acc[m][k], ddof=1):.3f} (2)" for m in LE.STUDY_MODES]
+        cells = [f"{np.mean(acc[m][k]):.3f} ± {np.std(acc[m][k], ddof=1):.3f} (2)" for m in STUDY_MODES]
         assert f"| {k} | " + " | ".join(cells) + " |" in md
-    assert "train_bn=True vs False" in md and "cached" in md
-    assert_series(run / "label_efficiency.png", len(LE.STUDY_MODES))  # a line per mode
+    assert "frozen_bn (the body's BatchNorm trains) vs frozen (it stays frozen)" in md and "cached" in md
+    assert_series(run / "label_efficiency.png", len(STUDY_MODES))  # a line per mode
     assert summary["body"]["cached"] is True and summary["body"]["sha256"] == info["sha256"]
     # the train_bn cost is frozen_bn's training time over frozen's, summed over the runs
-    seconds = {m: sum(r["train_seconds"] for r in summary["runs"] if r["mode"] == m) for m in LE.STUDY_MODES}
+    seconds = {m: sum(r["train_seconds"] for r in summary["runs"] if r["mode"] == m) for m in STUDY_MODES}
     assert summary["timing"]["total_train_seconds"] == pytest.approx(seconds)
     assert summary["timing"]["train_bn_cost"] == pytest.approx(seconds["frozen_bn"] / seconds["frozen"])
     assert f"{summary['timing']['train_bn_cost']:.2f}x the training time" in md
@@ -281,7 +285,7 @@ def test_a_tiny_label_efficiency_run_writes_png_json_and_markdown(tasks, body, t
 
 
 def test_study_refuses_bad_arguments_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="unknown study mode"):
+    with pytest.raises(ValueError, match="unknown training mode 'finetuned'"):
         LE.label_efficiency(modes=["finetuned"], out=tmp_path / "x")
     with pytest.raises(ValueError, match="pool holds only"):
         LE.label_efficiency(ks=(500,), out=tmp_path / "x")
@@ -300,7 +304,7 @@ def test_script_reports_a_bad_mode_in_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         _script("label_efficiency")(modes="scratch,frozn", out=str(tmp_path / "r"))
     assert e.value.code == 2
-    assert capsys.readouterr().err.strip().startswith("error: unknown study mode 'frozn'")
+    assert capsys.readouterr().err.strip().startswith("error: unknown training mode 'frozn'")
     assert not (tmp_path / "r").exists()
 
 

@@ -1,4 +1,4 @@
-"""Transfer learning: the timm learner, weights files, the three modes, the experiment, its script and predict."""
+"""Transfer learning: the timm learner, weights files, the training modes, the experiment, its script and predict."""
 from __future__ import annotations
 
 import csv
@@ -20,7 +20,8 @@ from tp3_fastai.core.device import resolve_precision
 from tp3_fastai.data.images import image_dls
 from tp3_fastai.transfer.finetune import finetune_experiment, predict
 from tp3_fastai.train.learner import count_params
-from tp3_fastai.transfer.learner import MODES, resnet_learner, set_mode, train_mode, trainable_summary
+from tp3_fastai.train.modes import DEFAULT_MODES
+from tp3_fastai.transfer.learner import resnet_learner, set_mode, train_mode, trainable_summary
 from tp3_fastai.transfer.weights import RANDOM_INIT, read_state_dict
 from figures import assert_series, colormap_pixels, count_colour, image_area, pixels
 
@@ -68,10 +69,13 @@ def test_unknown_arch_suggests_close_names(dls, tmp_path):
         resnet_learner(dls, "resnet05", path=tmp_path)
 
 
-@pytest.mark.parametrize("train_bn", [True, False])
-def test_freeze_leaves_only_head_and_bn_trainable(dls, tmp_path, train_bn):
+MODES = DEFAULT_MODES["finetune"]
+
+
+@pytest.mark.parametrize("mode, train_bn", [("frozen_bn", True), ("frozen", False)])
+def test_freeze_leaves_only_head_and_bn_trainable(dls, tmp_path, mode, train_bn):
     learn = _learner(dls, tmp_path)
-    set_mode(learn, "frozen", train_bn=train_bn)
+    set_mode(learn, mode)
     head = {f"1.{n}" for n, _ in learn.model[1].named_parameters()}
     body_bn = _bn_names(learn.model[0], "0.")
     assert _trainable(learn) == head | (body_bn if train_bn else set())
@@ -84,7 +88,7 @@ def test_freeze_leaves_only_head_and_bn_trainable(dls, tmp_path, train_bn):
     assert changed & head
     assert bool(changed & body_bn) == train_bn
     running = {n for n in before if n.startswith("0.") and "running_" in n}
-    assert bool(changed & running) == train_bn  # BnFreeze keeps the statistics too when train_bn=False
+    assert bool(changed & running) == train_bn  # frozen: BnFreeze keeps the statistics too
 
 
 def test_scratch_mode_trains_everything(dls, tmp_path):

@@ -1,16 +1,18 @@
 """The `tp3` console command and the command-line functions that the scripts in scripts/ expose."""
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import shlex
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from fastcore.script import anno_parser, call_parse
+
+from .core.config import BODY_CACHE, DEFAULT_CACHE
 
 warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
 
@@ -56,6 +58,12 @@ def mirror_or_env(mirror: str | None) -> str | None:
     return mirror or os.environ.get(MIRROR_ENV) or None
 
 
+# a flag a command had before, kept out of --help and refused with what replaced it
+GONE = dict(help=argparse.SUPPRESS)
+TRAIN_BN_GONE = ("--train-bn and --no-train-bn are gone: the modes say it (--modes frozen freezes the body's "
+                 "BatchNorm with the body, --modes frozen_bn trains it)")
+
+
 def command_line() -> str:
     """The command that started this process, as a user would type it again (for run folders and reports)."""
     if not sys.argv or not sys.argv[0]:
@@ -79,15 +87,16 @@ def mnist(
     out: str = "runs/mnist",  # run folder (a new -2, -3, ... if it exists)
     overwrite: bool = False,  # replace an existing run folder instead
     resume: str = "",  # run folder of an interrupted run to continue (its saved arguments are used)
-    cache_dir: str = "~/.cache/tp3_fastai",  # where --source full is downloaded and extracted once
+    cache_dir: str = str(DEFAULT_CACHE),  # where --source full is downloaded and extracted once
     mirror: str = None,  # base address holding mnist_png.tgz instead of the real one (default: $TP3_MIRROR)
 ):
     "Part I: train the perceptron and the small CNN on MNIST; write curves, metrics and a summary."
-    from .mnist.train import train_mnist
+    from .mnist.train import MnistConfig, train_mnist
 
-    run_guarded(train_mnist, source=source, archs=split_list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
-                device=device, precision=precision, out=out, overwrite=overwrite, resume=resume or None,
-                cache_dir=cache_dir, mirror=mirror_or_env(mirror))
+    config = MnistConfig(source=source, archs=split_list(archs), epochs=epochs, bs=bs, lr=lr, seed=seed,
+                         device=device, precision=precision, out=out, overwrite=overwrite, resume=resume or None,
+                         cache_dir=cache_dir, mirror=mirror_or_env(mirror))
+    run_guarded(train_mnist, config=config)
 
 
 @call_parse
@@ -128,20 +137,22 @@ def run(
     overwrite: bool = False,  # replace an existing report folder instead
     mirror: str = None,  # base address holding the downloaded archives (default: $TP3_MIRROR, else the real ones)
     pipeline: str = "auto",  # Part II image-folder experiment: input pipeline (auto, pil, device, cached)
+    modes: str = "",  # Part II training modes, comma-separated (default: the experiment's own; see tp3 finetune)
 ):
     "The whole practical on the embedded data: every part, then report.md and report.html."
-    from .practical import run_practical
+    from .practical import PracticalConfig, run_practical
 
-    def checked(ks: str, seeds: str, parts: str, pretrained: bool, weights: str, **kwargs):
+    def checked() -> Any:
         if pretrained and weights:
             raise ValueError("give either --pretrained (hub weights) or --weights PATH (a local file), not both")
-        return run_practical(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), parts=split_list(parts),
-                             weights=weights or pretrained, **kwargs)
+        config = PracticalConfig(parts=split_list(parts), mnist=mnist, mnist_epochs=mnist_epochs, images=images,
+                                 arch=arch, transfer_epochs=transfer_epochs, modes=split_list(modes) or None,
+                                 weights=weights or pretrained, ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"),
+                                 device=device, precision=precision, out=out, overwrite=overwrite, seed=seed,
+                                 mirror=mirror_or_env(mirror), pipeline=pipeline)
+        return run_practical(config)
 
-    run_guarded(checked, parts=parts, mnist=mnist, mnist_epochs=mnist_epochs, ks=ks, seeds=seeds, images=images,
-                arch=arch, transfer_epochs=transfer_epochs, pretrained=pretrained, weights=weights, device=device,
-                precision=precision, seed=seed, out=out, overwrite=overwrite, mirror=mirror_or_env(mirror),
-                pipeline=pipeline)
+    run_guarded(checked)
 
 
 @call_parse
@@ -151,12 +162,11 @@ def finetune(
     size: int = None,  # image side in pixels (default: 64 for lfw, 224 otherwise)
     bs: int = 32,  # batch size
     epochs: int = 5,  # passes over the training set per mode (finetune's frozen epochs included)
-    modes: str = "scratch,finetune,frozen",  # comma list of modes to run
+    modes: str = "scratch,finetune,frozen",  # scratch, finetune, frozen (BatchNorm frozen too), frozen_bn (it trains)
     pretrained: bool = False,  # ImageNet weights from the timm / Hugging Face hub (needs internet)
-    weights: str = None,  # local weights file (.safetensors or .pth state dict) for finetune and frozen
+    weights: str = None,  # local weights file (.safetensors or .pth state dict) for every mode but scratch
     lr: float = 2e-3,  # learning rate (finetune: head lr; then lr/200 body, lr/2 head)
     freeze_epochs: int = 1,  # finetune: epochs on the head alone before unfreezing
-    train_bn: bool = True,  # freeze BatchNorm with the body (fastai trains it by default: the backward pass then runs through the whole body)
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (fp16/bf16 need CUDA)
     memory_format: str = "auto",  # auto (channels_last on CUDA, contiguous on a CPU), channels_last or contiguous
     aug: str = "default",  # none, default, noflip, or e.g. 'flip=0,rot=10,zoom=1.1,light=0.2,crop=0.35'
@@ -164,26 +174,31 @@ def finetune(
     device: str = "auto",  # auto, cpu, cuda or cuda:N
     out: str = "runs/finetune",  # run folder (a new -2, -3, ... folder if it holds files)
     overwrite: bool = False,  # replace the run folder instead
-    cache_dir: str = "~/.cache/tp3_fastai",  # where the embedded LFW folder is written and downloads extracted once
+    cache_dir: str = str(DEFAULT_CACHE),  # where the embedded LFW folder is written and downloads extracted once
     resume: str = None,  # run folder of an interrupted run: continue it with its config.json's arguments
     mirror: str = None,  # base address holding the named sources' archives (default: $TP3_MIRROR, else the real ones)
     pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
+    train_bn: Annotated[bool, GONE] = False,  # gone: refused with what replaced it
+    no_train_bn: Annotated[bool, GONE] = False,  # gone: refused with what replaced it
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .core.device import parse_memory_format
-    from .transfer.finetune import finetune_experiment
+    from .transfer.finetune import FinetuneConfig, finetune_experiment
 
-    def checked(pretrained, weights, modes, memory_format, **kwargs):
+    def checked() -> Any:
+        if train_bn or no_train_bn:
+            raise ValueError(TRAIN_BN_GONE)
         if pretrained and weights:
             raise ValueError("give either --pretrained (hub weights) or --weights PATH (a local file), not both")
-        return finetune_experiment(pretrained=weights or pretrained, modes=split_list(modes),
-                                   channels_last=parse_memory_format(memory_format), **kwargs)
+        config = FinetuneConfig(data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=split_list(modes),
+                                pretrained=weights or pretrained, lr=lr, freeze_epochs=freeze_epochs, aug=aug,
+                                seed=seed, channels_last=parse_memory_format(memory_format), precision=precision,
+                                device=device, out=out, overwrite=overwrite, cache_dir=cache_dir, resume=resume,
+                                mirror=mirror_or_env(mirror), pipeline=pipeline)
+        return finetune_experiment(config)
 
     # Ctrl-C: finetune_experiment has said where the checkpoints are and how to resume; run_guarded exits 130
-    run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
-                weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
-                memory_format=memory_format, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
-                cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror), pipeline=pipeline)
+    run_guarded(checked)
 
 
 @call_parse
@@ -216,17 +231,18 @@ def pretrain(
     seed: int = 0,  # seed of the initialisation and batch order
     source: str = "mnist",  # 'mnist' (embedded digits, source classes below) or an image folder <path>/<class>/*
     source_classes: str = "0,1,2,3,4",  # MNIST digits of the source task (the others are the target)
-    cache_dir: str = "~/.cache/tp3_fastai/bodies",  # where bodies are cached (file name from the configuration)
+    cache_dir: str = str(BODY_CACHE),  # where bodies are cached (file name from the configuration)
     retrain: bool = False,  # train again even if the cache holds this configuration
     device: str = "auto",  # auto, cpu or cuda
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
 ):
     "Pretrain a body on the source task (or take it from the cache); print what it is and where it lies."
-    from .transfer.pretrain import describe_body, pretrained_body
+    from .transfer.pretrain import BodyConfig, describe_body, pretrained_body
 
-    path, info = run_guarded(pretrained_body, arch=arch, size=size, n_in=n_in, epochs=epochs, lr=lr, bs=bs,
-                             seed=seed, source=source, source_classes=source_classes, cache_dir=cache_dir,
-                             retrain=retrain, device=device, precision=precision)
+    config = BodyConfig(arch=arch, size=size, n_in=n_in, epochs=epochs, lr=lr, bs=bs, seed=seed, source=source,
+                        source_classes=source_classes)
+    path, info = run_guarded(pretrained_body, config=config, cache_dir=cache_dir, retrain=retrain, device=device,
+                             precision=precision)
     print(describe_body(info))
     print(path)
 
@@ -235,7 +251,7 @@ def pretrain(
 def label_efficiency(
     ks: str = "5,10,20,50,100",  # labelled target images per class, comma-separated
     seeds: str = "0,1,2",  # seeds (label draw, head init, batch order), comma-separated
-    modes: str = "scratch,frozen,frozen_bn,finetune",  # study modes (frozen: train_bn=False, frozen_bn: True)
+    modes: str = "scratch,frozen,frozen_bn,finetune",  # training modes (frozen: BatchNorm frozen too; frozen_bn: it trains)
     arch: str = "resnet10t",  # timm model name (any timm CNN)
     size: int = 32,  # input size in pixels (MNIST's 28 px digits are padded to it)
     n_in: int = 1,  # input channels
@@ -250,7 +266,7 @@ def label_efficiency(
     target: str = "",  # target image folder (only with a source folder)
     weights: str = "",  # use this weights file instead of a source-pretrained body
     curves_k: int = 0,  # also record per-epoch curves of every mode at this k (first seed): comparison.png
-    cache_dir: str = "~/.cache/tp3_fastai/bodies",  # body cache
+    cache_dir: str = str(BODY_CACHE),  # body cache
     retrain: bool = False,  # pretrain again even if cached (the run then times pretraining too)
     device: str = "auto",  # auto, cpu or cuda
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
@@ -258,16 +274,18 @@ def label_efficiency(
     overwrite: bool = False,  # replace an existing run folder instead
 ):
     "Test accuracy against k labelled target images per class for each mode and seed: PNG, JSON and Markdown."
-    from .transfer.label_efficiency import label_efficiency as study
+    from .transfer.label_efficiency import StudyConfig, label_efficiency as study
 
-    def checked(ks: str, seeds: str, modes: str, **kwargs):
-        return study(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), modes=split_list(modes), **kwargs)
+    def checked() -> Any:
+        config = StudyConfig(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), modes=split_list(modes),
+                             arch=arch, size=size, n_in=n_in, epochs=epochs, bs=bs, lr=lr, lr_mult=lr_mult,
+                             recalibrate=not no_recalibrate, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+                             source=source, target=target or None, weights=weights or None,
+                             curves_k=curves_k or None, cache_dir=cache_dir, retrain=retrain, device=device,
+                             precision=precision, out=out, overwrite=overwrite, command=command_line())
+        return study(config)
 
-    run_guarded(checked, ks=ks, seeds=seeds, modes=modes, arch=arch, size=size, n_in=n_in, epochs=epochs, bs=bs,
-                lr=lr, lr_mult=lr_mult, recalibrate=not no_recalibrate, pretrain_epochs=pretrain_epochs,
-                pretrain_lr=pretrain_lr, source=source, target=target or None, weights=weights or None,
-                curves_k=curves_k or None, cache_dir=cache_dir, retrain=retrain, device=device,
-                precision=precision, out=out, overwrite=overwrite, command=command_line())
+    run_guarded(checked)
 
 
 @call_parse
@@ -302,7 +320,7 @@ def bench_freeze(
     steps: int = None,  # timed steps per repeat (default 10; --quick 3)
     repeats: int = None,  # repeats; the median and min/max are reported (default 5; --quick 3)
     warmup: int = None,  # untimed steps first (default 5; --quick 2; at least 3 with --compile)
-    modes: str = "unfrozen,frozen_train_bn,frozen,precomputed",  # training modes to measure
+    modes: str = "unfrozen,frozen_bn,frozen,precomputed",  # training modes to measure (frozen: BatchNorm frozen too)
     precisions: str = "fp32,fp16,bf16",  # precisions (fp16/bf16 AMP need CUDA: reported as skipped elsewhere)
     formats: str = "contiguous,channels_last",  # memory formats
     compile: bool = False,  # also measure every cell with torch.compile (slow to compile)
@@ -324,25 +342,26 @@ def bench_freeze(
     quick: bool = False,  # the small CI configuration for a CPU (resnet18, 64 px, batch 16)
     out: str = "runs/bench_freeze",  # run folder (a new -2, -3, ... if it holds files)
     overwrite: bool = False,  # replace the run folder instead
-    cache_dir: str = "~/.cache/tp3_fastai",  # where the generated JPEG folder is written once
+    cache_dir: str = str(DEFAULT_CACHE),  # where the generated JPEG folder is written once
     compare: str = "",  # OTHER/bench.json: ratio to that run per cell (same arch/size/bs); A.json,B.json: no measuring
     pipeline: str = "pil,device,cached",  # input pipelines compared side by side in the pipeline section
     pipeline_aug: str = "default",  # augmentation in the pipeline section ('none': decoding and crops alone)
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
-    from .bench import bench_training_modes
+    from .bench import BenchConfig, bench_training_modes
     from .bench.compare import bench_and_compare
 
-    command = command_line()
-    fn = partial(bench_and_compare, compare) if compare else bench_training_modes
-    return run_guarded(fn, arch=arch, size=size, bs=bs, steps=steps, repeats=repeats,
-                       warmup=warmup, modes=modes, precisions=precisions, formats=formats, compile=compile,
-                       cudnn_benchmark=cudnn_benchmark, overhead=not no_overhead, overhead_modes=overhead_modes,
-                       pipeline=not no_pipeline, pipeline_modes=pipeline_modes, data=data, jpeg_images=jpeg_images,
-                       num_workers=num_workers, epoch_images=epoch_images, epochs_estimate=epochs_estimate, lr=lr,
-                       device=device, seed=seed, count_reads=not no_count_reads, threads=threads, quick=quick, out=out,
-                       overwrite=overwrite, cache_dir=cache_dir, command=command, pipelines=pipeline,
-                       pipeline_aug=pipeline_aug)
+    config = BenchConfig(arch=arch, size=size, bs=bs, steps=steps, repeats=repeats, warmup=warmup, modes=modes,
+                         precisions=precisions, formats=formats, compile=compile, cudnn_benchmark=cudnn_benchmark,
+                         overhead=not no_overhead, overhead_modes=overhead_modes, pipeline=not no_pipeline,
+                         pipeline_modes=pipeline_modes, pipelines=pipeline, pipeline_aug=pipeline_aug, data=data,
+                         jpeg_images=jpeg_images, num_workers=num_workers, epoch_images=epoch_images,
+                         epochs_estimate=epochs_estimate, lr=lr, device=device, seed=seed,
+                         count_reads=not no_count_reads, threads=threads, quick=quick, out=out, overwrite=overwrite,
+                         cache_dir=cache_dir, command=command_line())
+    if compare:
+        return run_guarded(bench_and_compare, compare=compare, config=config)
+    return run_guarded(bench_training_modes, config=config)
 
 
 COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetune, "predict": predict,

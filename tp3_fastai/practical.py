@@ -3,11 +3,15 @@ Part II (transfer), Part III (receptive fields), one report."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .core.config import build_config, config_dict
+from .core.device import pick_device, resolve_precision
 from .report import Section, write_report
 from .core.runs import new_run_dir, write_json
+from .train.modes import check_modes, mode_label
 
 PARTS = ("layers", "mnist", "transfer", "rf")
 
@@ -73,7 +77,7 @@ def transfer_section(run: Path, folder: dict) -> Section:
                   params=r["params"], sec_per_epoch=r["sec_per_epoch"],
                   best_valid_accuracy=r["best_valid_accuracy"]) for m, r in folder["modes"].items()]
     return Section(
-        "Part II: transfer learning, scratch vs fine-tune vs frozen",
+        "Part II: transfer learning, " + " vs ".join(folder["modes"]),
         [f"**Where the weights came from: {folder['weights']}.** "
          + ("ImageNet weights cannot be downloaded offline, so every mode starts from the same random init and the "
             "comparison shows the mechanics (what trains, what it costs), not the benefit of pretraining. Pass "
@@ -83,15 +87,14 @@ def transfer_section(run: Path, folder: dict) -> Section:
          f"device {folder['device_name']}, precision {folder['precision']}."],
         [(modes, ("mode", "weights", "trainable_params", "params", "sec_per_epoch", "best_valid_accuracy"))],
         [(rel(Path(folder["run_dir"]) / "show_batch.png"), "An augmented training batch"),
-         (rel(Path(folder["run_dir"]) / "comparison.png"), f"The three modes ({folder['arch']}): loss and accuracy"),
+         (rel(Path(folder["run_dir"]) / "comparison.png"), f"Every mode ({folder['arch']}): loss and accuracy"),
          (rel(Path(folder["run_dir"]) / "predictions.png"), f"Predictions of the best mode ({folder['best_mode']})")],
     )
 
 
 def study_section(run: Path, study: dict) -> Section:
     """Report section of Part II from the label-efficiency study's summary (the offline default)."""
-    from .transfer.label_efficiency import MODE_LABELS  # imported when used: a mistyped part is refused in a second
-    from .transfer.pretrain import describe_body
+    from .transfer.pretrain import describe_body  # imported when used: a mistyped part is refused in a second
 
     rel = lambda name: str(Path(study["run_dir"]).relative_to(run) / name)  # noqa: E731
     cfg, body, timing = study["config"], study["body"], study["timing"]
@@ -100,9 +103,9 @@ def study_section(run: Path, study: dict) -> Section:
                  + (" in an earlier run (cached)." if body["cached"] else " in this run."))
     else:
         where = f"**Where the weights came from:** {cfg['weights']}."
-    modes = [dict(mode=m, what=MODE_LABELS[m], train_seconds=timing["total_train_seconds"][m]) for m in cfg["modes"]]
+    modes = [dict(mode=m, what=mode_label(m), train_seconds=timing["total_train_seconds"][m]) for m in cfg["modes"]]
     return Section(
-        "Part II: transfer learning with few labels, scratch vs frozen vs fine-tune",
+        "Part II: transfer learning with few labels, " + " vs ".join(cfg["modes"]),
         [where,
          f"Target: {cfg['target']}; {cfg['target_sizes']['test']:,} test images seen by neither pretraining nor "
          f"target training. Each mode trains {cfg['arch']} ({cfg['size']} px) for {cfg['epochs']} epochs on k "
@@ -142,101 +145,129 @@ def rf_section(run: Path, table: dict, erf: dict) -> Section:
     )
 
 
-def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epochs: int = 10,
-                  images: str | Path = "", arch: str = "resnet50", transfer_epochs: int = 3,
-                  weights: bool | str | Path = False, ks: Sequence[int] = (10, 50), seeds: Sequence[int] = (0, 1),
-                  study_options: dict[str, Any] | None = None, rf_arch: str = "timm:resnet50", rf_size: int = 224,
-                  device: str = "auto",
-                  precision: str = "auto", out: str | Path = "runs/practical",
-                  overwrite: bool = False, seed: int = 42, log: Callable[[str], None] = print,
-                  mirror: str | None = None, pipeline: str = "auto") -> Path:
+@dataclass
+class PracticalConfig:
+    """What the whole practical runs (see run_practical); practical.json holds it."""
+    parts: Sequence[str] = PARTS
+    mnist: str = "sample"  # Part I's source: sample, full or a folder
+    mnist_epochs: int = 10
+    images: str | Path = ""  # Part II: an image folder (or lfw, ...) for the image-folder experiment
+    arch: str = "resnet50"  # Part II image-folder experiment's timm architecture
+    transfer_epochs: int = 3
+    modes: Sequence[str] | None = None  # Part II's training modes (None: the experiment's own)
+    weights: bool | str | Path = False  # Part II: True (hub ImageNet weights) or a weights file
+    ks: Sequence[int] = (10, 50)  # the offline study's labelled images per class
+    seeds: Sequence[int] = (0, 1)
+    study_options: dict[str, Any] | None = None  # more StudyConfig fields for the offline study
+    rf_arch: str = "timm:resnet50"
+    rf_size: int = 224
+    device: str = "auto"
+    precision: str = "auto"
+    out: str | Path = "runs/practical"
+    overwrite: bool = False
+    seed: int = 42  # of Parts I and III and of the image-folder experiment
+    mirror: str | None = None  # a base address holding the downloaded sources' archives (see download.py)
+    pipeline: str = "auto"  # the image-folder experiment's input pipeline
+
+
+def run_practical(config: PracticalConfig | None = None, *, log: Callable[[str], None] = print,
+                  **options: Any) -> Path:
     """Run the chosen parts into one folder and write report.md and report.html there; returns the folder.
 
-    Part 0 (`layers`): the course's layer examples, VGG / ResNet, activations, and the first-layer kernels of the
-    parts that ran (Part I's CNN trained for 2 epochs, the cached body, if those parts did not run).
-    Part II: without `weights` and `images`, the offline study (a body pretrained here on digits 0-4, then k
-    labelled digits 5-9 per class for `ks` and `seeds`); with hub weights (`weights=True`), a weights file or an
-    image folder, the `arch` experiment on `images` (default: the embedded LFW faces). `study_options`: more
-    keywords for `label_efficiency` (e.g. arch, epochs, cache_dir). Part III maps `rf_arch` at `rf_size` px.
-    `mirror`: a base address holding the archives of the downloaded sources (see download.py).
+    `config`: a PracticalConfig (or its fields as keywords in `options`). Part 0 (`layers`): the course's layer
+    examples, VGG / ResNet, activations, and the first-layer kernels of the parts that ran (Part I's CNN trained
+    for 2 epochs, the cached body, if those parts did not run). Part II: without `weights` and `images`, the
+    offline study (a body pretrained here on digits 0-4, then k labelled digits 5-9 per class for `ks` and
+    `seeds`); with hub weights (`weights=True`), a weights file or an image folder, the `arch` experiment on
+    `images` (default: the embedded LFW faces); `modes`: its training modes (train.modes; default: the
+    experiment's). `study_options`: more StudyConfig fields (e.g. arch, epochs, cache_dir). Part III maps `rf_arch`
+    at `rf_size` px. The device and the precision are resolved once, here, and every part runs with them.
     """
-    unknown = set(parts) - set(PARTS)
+    cfg = build_config(PracticalConfig, config, options)
+    unknown = set(cfg.parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
+    modes = {} if cfg.modes is None else dict(modes=check_modes(cfg.modes, "run"))
+    weights, images = cfg.weights, cfg.images
     if weights is not False and weights is not True:
         from .transfer.weights import weights_path
 
         weights_path(weights)   # a missing weights file fails here, before any part runs
-    run = new_run_dir(out, overwrite)
+    dev = pick_device(cfg.device)
+    device, precision = str(dev), resolve_precision(cfg.precision, dev)
+    run = new_run_dir(cfg.out, cfg.overwrite)
     t0 = time.perf_counter()
     sections: list[Section] = []
     timings: dict[str, float] = {}
     mnist_run = body = None
-    if "layers" in parts:
+    if "layers" in cfg.parts:
         from .review.run import layers_review
 
         log("== Part 0: layers, shapes and weights; VGG and ResNet ==")
         t = time.perf_counter()
         review = layers_review(run / "part0_layers", log=log)
         timings["layers"] = time.perf_counter() - t
-    if "mnist" in parts:
+    if "mnist" in cfg.parts:
         from .mnist.train import train_mnist
 
         log("== Part I: MNIST from scratch ==")
         t = time.perf_counter()
-        summary = train_mnist(source=mnist, epochs=mnist_epochs, seed=seed, device=device, precision=precision,
-                              out=run / "part1_mnist", overwrite=True, log=log, mirror=mirror)
+        summary = train_mnist(source=cfg.mnist, epochs=cfg.mnist_epochs, seed=cfg.seed, device=device,
+                              precision=precision, out=run / "part1_mnist", overwrite=True, mirror=cfg.mirror,
+                              log=log)
         timings["mnist"] = time.perf_counter() - t
         sections.append(mnist_section(run, summary))
         mnist_run = summary["run_dir"]
-    if "transfer" in parts:
+    if "transfer" in cfg.parts:
         log("== Part II: transfer learning ==")
         t = time.perf_counter()
         if weights is not False or images:
             from .transfer.finetune import finetune_experiment
 
-            folder = finetune_experiment(images or "lfw", arch=arch, size=64 if str(images or "lfw") == "lfw" else 224,
-                                         bs=16, epochs=transfer_epochs, pretrained=weights, seed=seed, device=device,
-                                         precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
-                                         mirror=mirror, pipeline=pipeline)
+            data = images or "lfw"
+            folder = finetune_experiment(data=data, arch=cfg.arch, size=64 if str(data) == "lfw" else 224, bs=16,
+                                         epochs=cfg.transfer_epochs, pretrained=weights, seed=cfg.seed,
+                                         device=device, precision=precision, out=run / "part2_transfer",
+                                         overwrite=True, mirror=cfg.mirror, pipeline=cfg.pipeline, log=log, **modes)
             sections.append(transfer_section(run, folder))
         else:
             from .transfer.label_efficiency import label_efficiency
 
-            study = label_efficiency(ks=ks, seeds=seeds, valid_pct=0.1, curves_k=min(ks), device=device,
+            study = label_efficiency(ks=cfg.ks, seeds=cfg.seeds, valid_pct=0.1, curves_k=min(cfg.ks), device=device,
                                      precision=precision, out=run / "part2_transfer", overwrite=True, log=log,
-                                     **(study_options or {}))
+                                     **modes, **(cfg.study_options or {}))
             sections.append(study_section(run, study))
             body = (study.get("body") or {}).get("path")
         timings["transfer"] = time.perf_counter() - t
-    if "rf" in parts:
+    if "rf" in cfg.parts:
         from .receptive_field import receptive_field_run
 
         log("== Part III: receptive fields ==")
         t = time.perf_counter()
-        shape = (1, 3, rf_size, rf_size)
-        table = receptive_field_run(rf_arch, shape, layers=RF_LAYERS, verify=True, out=run / "part3_rf",
-                                    overwrite=True, seed=seed, log=log)
+        shape = (1, 3, cfg.rf_size, cfg.rf_size)
+        table = receptive_field_run(cfg.rf_arch, shape, layers=RF_LAYERS, verify=True, out=run / "part3_rf",
+                                    overwrite=True, seed=cfg.seed, log=log)
         # torchvision's ResNet for the effective field: timm zero-initialises each block's last BatchNorm
-        erf = receptive_field_run(rf_arch.replace("timm:", "torchvision:"), shape, layers="layer3", erf=True,
-                                  out=run / "part3_erf", overwrite=True, seed=seed, log=log)
+        erf = receptive_field_run(cfg.rf_arch.replace("timm:", "torchvision:"), shape, layers="layer3", erf=True,
+                                  out=run / "part3_erf", overwrite=True, seed=cfg.seed, log=log)
         timings["rf"] = time.perf_counter() - t
         sections.append(rf_section(run, table, erf))
-    if "layers" in parts:
+    if "layers" in cfg.parts:
         from .review.run import kernel_review
 
         log("== Part 0: first-layer kernels ==")
         t = time.perf_counter()
-        opts = study_options or {}
-        review = kernel_review(run / "part0_layers", mnist_run=mnist_run, body=body, weights=weights, arch=arch,
-                               cache_dir=opts.get("cache_dir"), body_arch=opts.get("arch"), seed=seed,
+        opts = cfg.study_options or {}
+        review = kernel_review(run / "part0_layers", mnist_run=mnist_run, body=body, weights=weights, arch=cfg.arch,
+                               cache_dir=opts.get("cache_dir"), body_arch=opts.get("arch"), seed=cfg.seed,
                                device=device, log=log)
         timings["layers"] += time.perf_counter() - t
         sections[:0] = layers_sections(run, review)  # the review comes before Part I in the report
     timings["total"] = time.perf_counter() - t0
     sections.append(Section("Run", [f"Wall time per part (seconds): {', '.join(f'{k} {v:.0f}' for k, v in timings.items())}."]))
-    write_json(run / "practical.json", dict(parts=list(parts), seconds=timings, mnist=mnist, images=str(images),
-                                             weights=str(weights), seed=seed))
+    write_json(run / "practical.json", dict(config_dict(cfg), parts=list(cfg.parts), seconds=timings,
+                                             images=str(images), weights=str(weights), device=device,
+                                             precision=precision))
     md, page = write_report(run, "The CNN practical with fastai", sections)
     log(f"\nreport: {md}\n        {page}")
     return run

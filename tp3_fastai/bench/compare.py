@@ -161,13 +161,16 @@ def write_compare(c: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
     return dict(json=str(folder / "compare.json"), md=str(md), png=str(plot_compare(c, folder / "compare.png")))
 
 
-def bench_and_compare(compare: str | Sequence[str], out: str | Path = "runs/bench_freeze", overwrite: bool = False,
-                      log: Callable[[str], None] | None = print, **bench_kwargs: Any) -> dict[str, Any]:
+def bench_and_compare(compare: str | Sequence[str], config: Any = None, log: Callable[[str], None] | None = print,
+                      **options: Any) -> dict[str, Any]:
     """`compare='OTHER/bench.json'`: check that OTHER has this run's model, size and batch (before measuring), run
-    the benchmark, then compare it (A) with OTHER (B) in its run folder. `compare='A/bench.json,B/bench.json'`:
-    compare two earlier runs without measuring; the comparison goes to a new run folder `out`."""
-    from .freeze import bench_training_modes, resolve_config
+    the benchmark (`config`: a freeze.BenchConfig, or its fields as keywords in `options`), then compare it (A)
+    with OTHER (B) in its run folder. `compare='A/bench.json,B/bench.json'`: compare two earlier runs without
+    measuring; the comparison goes to a new run folder (the configuration's `out`)."""
+    from ..core.config import build_config
+    from .freeze import BenchConfig, bench_training_modes, resolve_config
 
+    cfg = build_config(BenchConfig, config, options)
     paths = [p.strip() for p in compare.split(",")] if isinstance(compare, str) else list(compare)
     paths = [p for p in paths if p]
     if len(paths) not in (1, 2):
@@ -175,14 +178,12 @@ def bench_and_compare(compare: str | Sequence[str], out: str | Path = "runs/benc
     if len(paths) == 2:
         a, b = read_bench(paths[0]), read_bench(paths[1])
         check_comparable(a, b, paths[0], paths[1])
-        folder = new_run_dir(out, overwrite)
+        folder = new_run_dir(cfg.out, cfg.overwrite)
         measured = None
     else:
         b = read_bench(paths[0])
-        cfg = resolve_config(bench_kwargs.get("quick", False),
-                             **{k: bench_kwargs.get(k) for k in ("arch", "size", "bs")})
-        check_comparable(cfg, b, "this run", paths[0])
-        measured = bench_training_modes(out=out, overwrite=overwrite, log=log, **bench_kwargs)
+        check_comparable(resolve_config(cfg.quick, arch=cfg.arch, size=cfg.size, bs=cfg.bs), b, "this run", paths[0])
+        measured = bench_training_modes(cfg, log=log)
         a, folder = measured, Path(measured["run_dir"])
     result = compare_benches(a, b)
     result["files"] = write_compare(result, folder)

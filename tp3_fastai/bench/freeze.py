@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,12 +16,14 @@ import torch
 
 from ..core.device import device_name, env_info, pick_device, resolve_precision
 from ..core.checks import check_name
+from ..core.config import DEFAULT_CACHE, build_config, config_dict
 from ..core.runs import new_run_dir, write_json
+from ..train.modes import check_modes, mode_label, modes_for
 from .loops import BatchLoader, synthetic_batches
-from .modes import (FREEZE_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, MODE_LABELS, bench_overhead,
+from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, Levers, bench_overhead,
                     bench_pipeline, measure_cell, mode_learner)
 from .report import cell_label, bench_markdown, plot_bench
-from .timing import driver_version, free_device_memory, load_average, tf32_flags
+from .timing import StepPlan, driver_version, free_device_memory, load_average, tf32_flags
 
 CPU_MEMORY_NOTE = "n/a on CPU (peak device memory is measured with torch.cuda.max_memory_allocated on CUDA only)"
 PRESETS = {
@@ -104,109 +107,156 @@ def resolve_config(quick: bool = False, **given: Any) -> dict[str, Any]:
     return cfg
 
 
-def bench_training_modes(arch: str | None = None, size: int | None = None, bs: int | None = None,
-                         steps: int | None = None, repeats: int | None = None, warmup: int | None = None,
-                         modes: str | Sequence[str] = FREEZE_MODES, precisions: str | Sequence[str] = LEVER_PRECISIONS,
-                         formats: str | Sequence[str] = MEMORY_FORMATS, compile: bool = False,
-                         cudnn_benchmark: str = "both", overhead: bool = True,
-                         overhead_modes: str | Sequence[str] | None = None, pipeline: bool = True,
-                         pipeline_modes: str | Sequence[str] | None = None,
-                         data: str = "jpeg", jpeg_images: int | None = None, num_workers: int | None = None,
-                         n_classes: int = 2, epoch_images: int | None = None, epochs_estimate: int = 5,
-                         lr: float = 1e-3, device: str = "auto", seed: int = 42, count_reads: bool = True,
-                         out: str | Path = "runs/bench_freeze", overwrite: bool = False,
-                         cache_dir: str | Path = "~/.cache/tp3_fastai", quick: bool = False, command: str = "",
-                         threads: int | None = None, log: Callable[[str], None] | None = print,
-                         pipelines: str | Sequence[str] = ("pil", "device", "cached"),
-                         pipeline_aug: str = "default") -> dict[str, Any]:
-    """Training throughput, step time (median, min, max) and peak memory of a timm model in each training mode
-    (unfrozen; frozen with train_bn True / False; frozen on precomputed features) crossed with the speed levers
-    (precision, memory format, torch.compile, cudnn.benchmark); the fastai loop against a plain PyTorch loop;
-    synthetic on-device batches against the real image pipelines (`pipelines`: pil, device, cached, auto; see
-    tp3_fastai.data.pipeline), side by side on the same folder, with augmentation `pipeline_aug` (see
-    image_data.parse_aug; 'none' times decoding and cropping alone). Writes config.json, bench.json, bench.md and
-    bench.png into a new run folder and returns what bench.json holds.
+@dataclass
+class BenchConfig:
+    """Everything a training-modes benchmark is asked for (see bench_training_modes). None: the preset's value
+    (`quick` or the GPU one); option lists may be given as 'a,b' strings. config.json holds it as it ran."""
+    arch: str | None = None
+    size: int | None = None
+    bs: int | None = None
+    steps: int | None = None  # timed steps per repeat
+    repeats: int | None = None
+    warmup: int | None = None  # untimed steps first
+    modes: str | Sequence[str] = BENCH_MODES
+    precisions: str | Sequence[str] = LEVER_PRECISIONS
+    formats: str | Sequence[str] = MEMORY_FORMATS
+    compile: bool = False
+    cudnn_benchmark: str = "both"  # both, on or off (CUDA only)
+    overhead: bool = True  # the package's loop against the plain loop
+    overhead_modes: str | Sequence[str] | None = None
+    pipeline: bool = True  # synthetic batches against the real image pipelines
+    pipeline_modes: str | Sequence[str] | None = None
+    pipelines: str | Sequence[str] = ("pil", "device", "cached")
+    pipeline_aug: str = "default"
+    data: str = "jpeg"  # real images: 'jpeg' (generated from the embedded LFW set), a named source or a folder
+    jpeg_images: int | None = None
+    num_workers: int | None = None
+    n_classes: int = 2
+    epoch_images: int | None = None  # dataset size of the per-epoch estimates
+    epochs_estimate: int = 5
+    lr: float = 1e-3
+    device: str = "auto"
+    seed: int = 42
+    count_reads: bool = True  # count host reads (syncs) per step
+    threads: int | None = None  # torch CPU threads during the run (restored afterwards)
+    quick: bool = False
+    out: str | Path = "runs/bench_freeze"
+    overwrite: bool = False
+    cache_dir: str | Path = DEFAULT_CACHE
+    command: str = ""  # the command line that started the run, for the report
 
-    Unset sizes (and the overhead / pipeline modes) come from the preset: `quick` (resnet18, 64 px, batch 16; loop
-    and pipeline comparisons on the frozen modes only) or the GPU one (resnet50, 224 px, batch 128). Levers that
-    cannot run on the device are reported as skipped, never imitated. Every figure carries its ratio to the unfrozen
-    fp32 baseline measured in the same run. `threads` sets torch's CPU threads for the run (restored afterwards):
-    on a CPU shared with other jobs, fewer threads than cores avoids OpenMP threads waiting on each other.
+    def steps_plan(self) -> StepPlan:
+        """How each measurement times its steps."""
+        return StepPlan(self.warmup, self.steps, self.repeats, self.bs, self.lr)
+
+
+def bench_training_modes(config: BenchConfig | None = None, *, log: Callable[[str], None] | None = print,
+                         **options: Any) -> dict[str, Any]:
+    """Training throughput, step time (median, min, max) and peak memory of a timm model in each training mode
+    (train.modes' bench modes: unfrozen; frozen_bn and frozen, the body frozen with its BatchNorm training or not;
+    precomputed, frozen on precomputed features) crossed with the speed levers (precision, memory format,
+    torch.compile, cudnn.benchmark); the fastai loop against a plain PyTorch loop; synthetic on-device batches
+    against the real image pipelines (`pipelines`: pil, device, cached, auto; see tp3_fastai.data.pipeline), side
+    by side on the same folder, with augmentation `pipeline_aug` (see image_data.parse_aug; 'none' times decoding
+    and cropping alone). Writes config.json, bench.json, bench.md and bench.png into a new run folder and returns
+    what bench.json holds.
+
+    `config`: a BenchConfig (or its fields as keywords in `options`). Unset sizes (and the overhead / pipeline
+    modes) come from the preset: `quick` (resnet18, 64 px, batch 16; loop and pipeline comparisons on the frozen
+    modes only) or the GPU one (resnet50, 224 px, batch 128). Levers that cannot run on the device are reported as
+    skipped, never imitated. Every figure carries its ratio to the unfrozen fp32 baseline measured in the same run.
+    `threads` sets torch's CPU threads for the run (restored afterwards): on a CPU shared with other jobs, fewer
+    threads than cores avoids OpenMP threads waiting on each other.
     """
-    if threads is not None and threads <= 0:
-        raise ValueError(f"threads must be positive, got {threads}")
-    kwargs = {k: v for k, v in locals().items() if k != "threads"}
+    cfg = plan_bench(build_config(BenchConfig, config, options))
     previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
-        return _bench_training_modes(**kwargs)
+        return _bench_training_modes(cfg, log)
     finally:
         torch.set_num_threads(previous)
 
 
-def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisions, formats, compile, cudnn_benchmark,
-                          overhead, overhead_modes, pipeline, pipeline_modes, data, jpeg_images, num_workers,
-                          n_classes, epoch_images, epochs_estimate, lr, device, seed, count_reads, out, overwrite,
-                          cache_dir, quick, command, log, pipelines, pipeline_aug) -> dict[str, Any]:
+def plan_bench(config: BenchConfig) -> BenchConfig:
+    """The configuration with the preset's values for what is unset and every option checked, as lists (empty
+    for a comparison that is off), before anything is measured; else a ValueError."""
+    from ..data.pipeline import PIPELINES
+    from ..transfer.learner import check_arch
+
+    if config.threads is not None and config.threads <= 0:
+        raise ValueError(f"threads must be positive, got {config.threads}")
+    preset = resolve_config(config.quick, **{k: getattr(config, k) for k in PRESETS["gpu"]})
+    cfg = replace(config, **preset)
+    check_arch(cfg.arch)
+    overhead_modes = check_modes(cfg.overhead_modes, "bench") if cfg.overhead and cfg.overhead_modes else []
+    pipeline_modes = check_modes(cfg.pipeline_modes, "bench") if cfg.pipeline and cfg.pipeline_modes else []
+    if "precomputed" in pipeline_modes:
+        raise ValueError("the pipeline comparison trains on the images themselves: precomputed does not apply; "
+                         "choose from " + ", ".join(m for m in BENCH_MODES if m != "precomputed"))
+    pipelines = _split_opt(cfg.pipelines, PIPELINES, "pipeline") if pipeline_modes else []
+    if pipeline_modes and not pipelines:
+        raise ValueError(f"the pipeline comparison needs at least one pipeline ({', '.join(PIPELINES)})")
+    cfg = replace(cfg, modes=check_modes(cfg.modes, "bench"),
+                  precisions=_split_opt(cfg.precisions, LEVER_PRECISIONS, "precision"),
+                  formats=_split_opt(cfg.formats, MEMORY_FORMATS, "memory format"), overhead_modes=overhead_modes,
+                  pipeline_modes=pipeline_modes, pipelines=pipelines)
+    if not cfg.precisions or not cfg.formats:
+        raise ValueError("modes, precisions and formats each need at least one value")
+    if cfg.lr <= 0 or cfg.epochs_estimate <= 0 or cfg.n_classes < 2:
+        raise ValueError(f"lr and epochs_estimate must be positive and n_classes >= 2, got lr={cfg.lr}, "
+                         f"epochs_estimate={cfg.epochs_estimate}, n_classes={cfg.n_classes}")
+    _cudnn_options(torch.device("cpu"), cfg.cudnn_benchmark)  # its value is checked on any device
+    return cfg
+
+
+def _bench_training_modes(cfg: BenchConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
     from fastai.data.core import DataLoaders
 
     t_start = time.perf_counter()
-    cfg = resolve_config(quick, arch=arch, size=size, bs=bs, steps=steps, repeats=repeats, warmup=warmup,
-                         jpeg_images=jpeg_images, epoch_images=epoch_images, overhead_modes=overhead_modes,
-                         pipeline_modes=pipeline_modes)
-    arch, size, bs, steps, repeats, warmup = (cfg[k] for k in ("arch", "size", "bs", "steps", "repeats", "warmup"))
-    overhead_modes, pipeline_modes = cfg.pop("overhead_modes"), cfg.pop("pipeline_modes")
-    modes, precisions, formats, overhead_modes, pipeline_modes, pipelines = _check_options(
-        arch, modes, precisions, formats, overhead_modes if overhead else "", pipeline_modes if pipeline else "",
-        pipelines, lr, epochs_estimate, n_classes)
-    dev = pick_device(device)
-    cudnn_opts = _cudnn_options(dev, cudnn_benchmark)
+    dev = pick_device(cfg.device)
+    cudnn_opts = _cudnn_options(dev, cfg.cudnn_benchmark)
     loop_precision = resolve_precision("auto", dev)  # what users train with: fp16 AMP on CUDA, fp32 on CPU
-    if dev.type == "cpu" and not quick and size * bs >= 224 * 64 and log:
+    if dev.type == "cpu" and not cfg.quick and cfg.size * cfg.bs >= 224 * 64 and log:
         log("note: the default configuration is sized for a GPU; on a CPU use --quick (or a small --size / --bs)")
 
-    run = new_run_dir(out, overwrite)
+    run = new_run_dir(cfg.out, cfg.overwrite)
     env = env_info(dev)
     env.update(driver=driver_version(dev), tf32=tf32_flags(dev), torch_threads=torch.get_num_threads(),
                cpu_count=os.cpu_count())
-    config = dict(cfg, arch=arch, modes=modes, precisions=precisions, formats=formats, compile=compile,
-                  cudnn_benchmark=cudnn_benchmark, overhead_modes=overhead_modes, pipeline_modes=pipeline_modes,
-                  pipelines=pipelines, pipeline_aug=pipeline_aug,
-                  data=data, num_workers=num_workers, n_classes=n_classes, epochs_estimate=epochs_estimate, lr=lr,
-                  device=str(dev), device_name=device_name(dev), loop_precision=loop_precision, seed=seed,
-                  quick=quick, command=command, env=env, load_average_start=load_average())
+    config = dict(config_dict(cfg), device=str(dev), device_name=device_name(dev), loop_precision=loop_precision,
+                  env=env, load_average_start=load_average())
     write_json(run / "config.json", config)
     if log:
-        log(f"bench_freeze: {arch}, {size} px, batch {bs} on {device_name(dev)}; load average "
+        log(f"bench_freeze: {cfg.arch}, {cfg.size} px, batch {cfg.bs} on {device_name(dev)}; load average "
             f"{config['load_average_start']}; run folder {run}")
 
-    pipe_dls = _pipeline_dls(pipelines, data, cache_dir, cfg["jpeg_images"], size, bs, seed, pipeline_aug, dev,
-                             num_workers) if pipeline_modes else {}
+    n_classes = cfg.n_classes
+    pipe_dls = _pipeline_dls(cfg, dev) if cfg.pipeline_modes else {}
     if pipe_dls:
         n_classes = next(iter(pipe_dls.values())).c
-    batches = synthetic_batches(4, bs, size, n_classes, dev, seed)
+    batches = synthetic_batches(4, cfg.bs, cfg.size, n_classes, dev, cfg.seed)
     syn_dls = DataLoaders(BatchLoader(batches, 1), BatchLoader([], 0), device=dev)
     syn_dls.c = n_classes
-    grid = _measure_grid(syn_dls, arch, modes, precisions, formats, compile, cudnn_opts, batches, dev, seed, warmup,
-                         steps, repeats, bs, lr, log)
+    grid = _measure_grid(cfg, syn_dls, batches, dev, cudnn_opts, log)
     base_row = grid[0]
-    _add_estimates(grid, cfg["epoch_images"], epochs_estimate)
-    overhead_rows = bench_overhead(syn_dls, arch, overhead_modes, batches, dev, loop_precision, seed, warmup, steps,
-                                   repeats, bs, lr, count_reads, log=log) if overhead_modes else []
-    pipe = bench_pipeline(pipe_dls, syn_dls, arch, pipeline_modes, dev, loop_precision, seed, warmup, steps,
-                          repeats, bs, size, lr, log=log) if pipeline_modes else None
-    result = dict(config=config, env=env, device=str(dev), device_name=device_name(dev), arch=arch, size=size, bs=bs,
+    _add_estimates(grid, cfg.epoch_images, cfg.epochs_estimate)
+    overhead_rows = bench_overhead(syn_dls, cfg.arch, cfg.overhead_modes, batches, dev, loop_precision, cfg.seed,
+                                   cfg.steps_plan(), cfg.count_reads, log=log) if cfg.overhead_modes else []
+    pipe = bench_pipeline(pipe_dls, syn_dls, cfg.arch, cfg.pipeline_modes, dev, loop_precision, cfg.seed, cfg.warmup,
+                          cfg.steps, cfg.repeats, cfg.bs, cfg.size, cfg.lr, log=log) if cfg.pipeline_modes else None
+    result = dict(config=config, env=env, device=str(dev), device_name=device_name(dev), arch=cfg.arch,
+                  size=cfg.size, bs=cfg.bs,
                   baseline=dict(mode="unfrozen", precision="fp32", memory_format="contiguous",
                                 images_per_s=base_row["images_per_s"], step_ms=base_row["step_ms"]),
-                  grid=grid, epoch_images=cfg["epoch_images"], epochs_estimate=epochs_estimate,
+                  grid=grid, epoch_images=cfg.epoch_images, epochs_estimate=cfg.epochs_estimate,
                   overhead=overhead_rows, pipeline=pipe,
                   memory_note=None if dev.type == "cuda" else CPU_MEMORY_NOTE,
                   timing=("median of `repeats` groups of `steps` steps after `warmup` untimed steps; device "
                           "synchronised at group edges only; synthetic batches are the same seeded tensors for "
                           "every mode"),
-                  mode_labels=MODE_LABELS, loop_labels=LOOP_LABELS, load_average_end=load_average(),
-                  seconds=time.perf_counter() - t_start, run_dir=str(run))
+                  mode_labels={m: mode_label(m) for m in modes_for("bench")}, loop_labels=LOOP_LABELS,
+                  load_average_end=load_average(), seconds=time.perf_counter() - t_start, run_dir=str(run))
     write_json(run / "bench.json", result)
     md = bench_markdown(result)
     (run / "bench.md").write_text(md)
@@ -216,57 +266,32 @@ def _bench_training_modes(arch, size, bs, steps, repeats, warmup, modes, precisi
     return result
 
 
-def _check_options(arch: str, modes: str, precisions: str, formats: str, overhead_modes: str, pipeline_modes: str,
-                   pipelines: str, lr: float, epochs_estimate: int, n_classes: int) -> tuple[list[str], ...]:
-    """The bench's comma-separated options as checked lists (modes, precisions, formats, overhead modes, pipeline
-    modes, pipelines; empty strings give empty lists), before anything is measured; else a ValueError."""
-    from ..data.pipeline import PIPELINES
-    from ..transfer.learner import check_arch
-
-    check_arch(arch)
-    modes = _split_opt(modes, FREEZE_MODES, "benchmark mode")
-    precisions = _split_opt(precisions, LEVER_PRECISIONS, "precision")
-    formats = _split_opt(formats, MEMORY_FORMATS, "memory format")
-    overhead_modes = _split_opt(overhead_modes, FREEZE_MODES, "overhead mode") if overhead_modes else []
-    pipeline_modes = _split_opt(pipeline_modes, ("unfrozen", "frozen_train_bn", "frozen"), "pipeline mode") \
-        if pipeline_modes else []
-    pipelines = _split_opt(pipelines, PIPELINES, "pipeline") if pipeline_modes else []
-    if pipeline_modes and not pipelines:
-        raise ValueError(f"the pipeline comparison needs at least one pipeline ({', '.join(PIPELINES)})")
-    if not modes or not precisions or not formats:
-        raise ValueError("modes, precisions and formats each need at least one value")
-    if lr <= 0 or epochs_estimate <= 0 or n_classes < 2:
-        raise ValueError(f"lr and epochs_estimate must be positive and n_classes >= 2, got lr={lr}, "
-                         f"epochs_estimate={epochs_estimate}, n_classes={n_classes}")
-    return modes, precisions, formats, overhead_modes, pipeline_modes, pipelines
-
-
-def _pipeline_dls(pipelines: list[str], data: str, cache_dir: Any, jpeg_images: int, size: int, bs: int, seed: int,
-                  aug: str, dev: torch.device, num_workers: int | None) -> dict[str, Any]:
+def _pipeline_dls(cfg: BenchConfig, dev: torch.device) -> dict[str, Any]:
     """The same folder, split and augmentation through each input pipeline: {pipeline: DataLoaders}."""
     from ..data.images import image_dls
 
-    folder = jpeg_folder(cache_dir, jpeg_images, px=round(size * 1.75)) if data == "jpeg" else data
-    kw = {} if num_workers is None else dict(num_workers=num_workers)
-    return {p: image_dls(folder, size=size, bs=bs, seed=seed, aug=aug, device=dev, cache_dir=cache_dir, pipeline=p,
-                         **kw) for p in pipelines}
+    size = cfg.size
+    folder = jpeg_folder(cfg.cache_dir, cfg.jpeg_images, px=round(size * 1.75)) if cfg.data == "jpeg" else cfg.data
+    kw = {} if cfg.num_workers is None else dict(num_workers=cfg.num_workers)
+    return {p: image_dls(folder, size=size, bs=cfg.bs, seed=cfg.seed, aug=cfg.pipeline_aug, device=dev,
+                         cache_dir=cfg.cache_dir, pipeline=p, **kw) for p in cfg.pipelines}
 
 
-def _measure_grid(syn_dls: Any, arch: str, modes: list[str], precisions: list[str], formats: list[str],
-                  compile: bool, cudnn_opts: list[bool], batches: list, dev: torch.device, seed: int, warmup: int,
-                  steps: int, repeats: int, bs: int, lr: float, log: Any) -> list[dict[str, Any]]:
+def _measure_grid(cfg: BenchConfig, syn_dls: Any, batches: list, dev: torch.device, cudnn_opts: list[bool | None],
+                  log: Any) -> list[dict[str, Any]]:
     """Modes x levers, the plain loop on the synthetic batches; the first row is the unfrozen fp32 contiguous
     baseline (a RuntimeError if it could not run)."""
-    base = {m: mode_learner(syn_dls, arch, m, seed).model.to(dev) for m in modes}
+    base = {m: mode_learner(syn_dls, cfg.arch, m, cfg.seed).model.to(dev) for m in cfg.modes}
     if "unfrozen" not in base:
-        base["unfrozen"] = mode_learner(syn_dls, arch, "unfrozen", seed).model.to(dev)
+        base["unfrozen"] = mode_learner(syn_dls, cfg.arch, "unfrozen", cfg.seed).model.to(dev)
     baseline_key = ("unfrozen", "fp32", "contiguous", False, cudnn_opts[0] if dev.type != "cuda" else False)
-    cells = [baseline_key] + [(m, p, f, c, b) for m in modes for p in precisions for f in formats
-                              for c in ([False, True] if compile else [False]) for b in cudnn_opts]
+    cells = [baseline_key] + [(m, p, f, c, b) for m in cfg.modes for p in cfg.precisions for f in cfg.formats
+                              for c in ([False, True] if cfg.compile else [False]) for b in cudnn_opts]
+    plan = cfg.steps_plan()
     grid = []
     for i, (m, p, f, c, b) in enumerate(dict.fromkeys(cells)):
-        row = measure_cell(base, m, batches, dev, p, f, c, b, max(warmup, 3) if c else warmup, steps, repeats,
-                           bs, lr)
+        row = measure_cell(base, m, batches, dev, Levers(p, f, c, b),
+                           replace(plan, warmup=max(plan.warmup, 3)) if c else plan)
         row["baseline"] = i == 0
         grid.append(row)
         if log:

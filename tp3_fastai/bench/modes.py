@@ -1,11 +1,13 @@
-"""Training modes x speed levers: what frozen and full fine-tuning cost (issue "bench_freeze"). The modes and
-levers, the same model built for every mode, and the measurements: one mode with one set of levers, the package's
-fastai loop against the plain PyTorch loop, synthetic batches against the real image pipeline."""
+"""Training modes x speed levers: what frozen and full fine-tuning cost (issue "bench_freeze"). The levers (the
+modes are train.modes' table: those that apply to `tp3 bench`), the same model built for every mode, and the
+measurements: one mode with one set of levers, the package's fastai loop against the plain PyTorch loop, synthetic
+batches against the real image pipeline."""
 from __future__ import annotations
 
 import copy
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -16,19 +18,14 @@ from ..data.mnist import TensorLoader
 from ..core.device import synchronize
 from ..core.checks import check_name
 from ..train.learner import count_params
+from ..train.modes import DEFAULT_MODES, check_modes, training_mode
 from ..train.optimizer import default_opt_func
 from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
                     synthetic_batches)
-from .timing import (step_stats, free_device_memory, peak_memory_mb, reset_peak_memory, set_cudnn_benchmark, spread,
-                     timed)
+from .timing import (StepPlan, step_stats, free_device_memory, peak_memory_mb, reset_peak_memory,
+                     set_cudnn_benchmark, spread, timed)
 
-FREEZE_MODES = ("unfrozen", "frozen_train_bn", "frozen", "precomputed")
-MODE_LABELS = {
-    "unfrozen": "unfrozen (everything trains)",
-    "frozen_train_bn": "frozen, train_bn=True (fastai default: BatchNorm trains, backward crosses the body)",
-    "frozen": "frozen, train_bn=False (backward stops at the head)",
-    "precomputed": "frozen, precomputed body features (head trains on a cache)",
-}
+BENCH_MODES = DEFAULT_MODES["bench"]  # every mode of the table that applies to the bench, in the bench's order
 LEVER_PRECISIONS = ("fp32", "fp16", "bf16")
 MEMORY_FORMATS = ("contiguous", "channels_last")
 LOOPS = ("plain", "package", "stock", "package_fastai_adam")
@@ -56,32 +53,36 @@ def lever_skip_reason(device: torch.device, precision: str, cudnn_benchmark: boo
     return None
 
 
+@dataclass(frozen=True)
+class Levers:
+    """The speed levers of one measurement: precision, memory format, torch.compile and cudnn.benchmark (None:
+    not applicable, on a CPU)."""
+    precision: str = "fp32"
+    memory_format: str = "contiguous"
+    compile: bool = False
+    cudnn_benchmark: bool | None = None
+
+
 # --- building the same model for every mode -------------------------------------------------------------------
-
-def _mode_args(mode: str) -> tuple[str, bool]:
-    """transfer.set_mode arguments (mode, train_bn) of a benchmark mode."""
-    return {"unfrozen": ("scratch", True), "frozen_train_bn": ("frozen", True), "frozen": ("frozen", False),
-            "precomputed": ("frozen", False)}[mode]
-
 
 def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "package",
                  lr: float = 1e-3, stock: bool = False, channels_last: bool | None = None):
     """A learner built by transfer.resnet_learner (random init, same seed: same weights in every mode) and put in
-    `mode` by transfer.set_mode. `opt`: 'package' (resnet_learner's default, torch AdamW: the plain loop's
-    optimiser) or 'fastai' (fastai's Adam). `stock`: fastai's stock loop instead of the package's lean one."""
+    `mode` (a bench mode of train.modes' table; precomputed: as frozen) by set_mode. `opt`: 'package'
+    (resnet_learner's default, torch AdamW: the plain loop's optimiser) or 'fastai' (fastai's Adam). `stock`:
+    fastai's stock loop instead of the package's lean one."""
     from fastai.optimizer import Adam as FastaiAdam
 
     from ..transfer.learner import resnet_learner, set_mode
 
-    check_name(mode, FREEZE_MODES, "benchmark mode")
-    fastai_mode, train_bn = _mode_args(mode)
+    check_modes([mode], "bench")
     set_seed(seed)
-    learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=train_bn, progress=False,
-                           log=None, lr=lr, name=mode, channels_last=channels_last, stock=stock)
+    learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=training_mode(mode).train_bn,
+                           progress=False, log=None, lr=lr, name=mode, channels_last=channels_last, stock=stock)
     check_name(opt, ["package", "fastai"], "benchmark optimiser")
     if opt == "fastai":
         learn.opt_func = FastaiAdam
-    set_mode(learn, fastai_mode, train_bn)
+    set_mode(learn, mode)
     learn.bench_mode = mode
     return learn
 
@@ -94,13 +95,15 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 # --- measurements ---------------------------------------------------------------------------------------------
 
-def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.device, precision: str,
-                 memory_format: str, compiled: bool, cudnn_benchmark: bool | None, warmup: int, steps: int,
-                 repeats: int, bs: int, lr: float) -> dict[str, Any]:
+def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.device, levers: Levers,
+                 plan: StepPlan) -> dict[str, Any]:
     """Throughput, step time and peak memory of one mode with one set of levers, in the plain loop on the
     synthetic batches (for 'precomputed': the one-off caching pass and the head's training step)."""
     from ..transfer.features import feature_split, precompute_features
 
+    precision, memory_format, compiled, cudnn_benchmark = (levers.precision, levers.memory_format, levers.compile,
+                                                           levers.cudnn_benchmark)
+    warmup, steps, repeats, bs, lr = plan.warmup, plan.steps, plan.repeats, plan.bs, plan.lr
     row: dict[str, Any] = dict(mode=mode, precision=precision, memory_format=memory_format, compile=compiled,
                                cudnn_benchmark=cudnn_benchmark)
     reason = lever_skip_reason(dev, precision, cudnn_benchmark)
@@ -138,7 +141,7 @@ def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.d
             loop = PlainLoop(head, dev, precision, lr, compiled=compiled)
         else:
             loader = BatchLoader(batches, warmup + steps * repeats)
-            loop = PlainLoop(model, dev, precision, lr, compiled=compiled, bn_eval=mode == "frozen")
+            loop = PlainLoop(model, dev, precision, lr, compiled=compiled, bn_eval=training_mode(mode).bn_frozen)
         g = loop.run(loader, warmup, steps, repeats)
         row.update(step_stats(g, steps, bs))
         row["warmup_s"] = loop.warmup_s
@@ -166,8 +169,8 @@ def _alternate(loops: Mapping[str, Any], make_loader: Callable[[int], Any], warm
 
 
 def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.device, precision: str, seed: int,
-                   warmup: int, steps: int, repeats: int, bs: int, lr: float, count_reads: bool = True,
-                   loops: Sequence[str] = LOOPS, log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+                   plan: StepPlan, count_reads: bool = True, loops: Sequence[str] = LOOPS,
+                   log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
     """The package's fastai loop against the plain PyTorch loop: same model and initial weights, optimiser
     (the package's AdamW, except 'package_fastai_adam'), one-cycle schedule, data (synthetic on-device batches, or
     their precomputed features) and precision; 'stock' is fastai's stock loop. Ratio = median step time / the
@@ -180,9 +183,9 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
     from ..train.loop import CrossEntropyLossFlat
     from ..transfer.features import feature_learner, feature_split, precompute_features
 
+    warmup, steps, repeats, bs, lr = plan.warmup, plan.steps, plan.repeats, plan.bs, plan.lr
     rows = []
-    for mode in modes:
-        check_name(mode, FREEZE_MODES, "benchmark mode")
+    for mode in check_modes(modes, "bench"):
         built: dict[str, Any] = {}
         if mode == "precomputed":
             extractor, head = feature_split(mode_learner(dls, arch, mode, seed, precision).model.to(dev))
@@ -211,7 +214,7 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
             for name in loops:
                 if name == "plain":
                     model = mode_learner(dls, arch, mode, seed, precision).model
-                    built[name] = PlainLoop(model, dev, precision, lr, bn_eval=mode == "frozen")
+                    built[name] = PlainLoop(model, dev, precision, lr, bn_eval=training_mode(mode).bn_frozen)
                 else:
                     learn = mode_learner(dls, arch, mode, seed, precision,
                                          opt="fastai" if name == "package_fastai_adam" else "package",
@@ -289,7 +292,7 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
 
     rows = []
     for mode in modes:
-        check_name(mode, ["unfrozen", "frozen_train_bn", "frozen"], "pipeline mode")
+        check_name(mode, ["unfrozen", "frozen_bn", "frozen"], "pipeline mode")
         bn_eval = mode == "frozen"
         loops = {
             "plain": PlainLoop(model(first_dls, mode), dev, precision, lr, bn_eval=bn_eval),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .modes import FREEZE_MODES
+from ..train.modes import modes_for
 from ..core.runs import pyplot, save_figure
 
 
@@ -127,7 +127,7 @@ def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
     height = max(3.0, 0.32 * max(len(ok), len(extra)) + 1.5)
     fig, axes = plt.subplots(1, n_panels, figsize=(7.5 * n_panels, height), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    mode_colour = {m: colours[i % len(colours)] for i, m in enumerate(FREEZE_MODES)}
+    mode_colour = {m: colours[i % len(colours)] for i, m in enumerate(modes_for("bench"))}
     ax = axes[0][0]
     labels = [cell_label(r) for r in ok]
     values = [r["images_per_s"] for r in ok]

@@ -5,11 +5,23 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from ..core.device import synchronize
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a measurement times training steps: `warmup` untimed steps, then `repeats` groups of `steps` steps of
+    `bs` images, at learning rate `lr` (one-cycle schedule)."""
+    warmup: int
+    steps: int
+    repeats: int
+    bs: int
+    lr: float
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable
 
-DEFAULT_CACHE = Path("~/.cache/tp3_fastai")
+from ..core.config import DEFAULT_CACHE  # noqa: F401 (the one default, imported here by the data modules)
 MIRROR_ENV = "TP3_MIRROR"  # read by the command line (cli.py) as the default of --mirror
 CHUNK = 1 << 20
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")

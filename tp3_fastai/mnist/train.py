@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from fastai.data.core import DataLoaders
@@ -11,7 +12,8 @@ from fastai.torch_core import set_seed
 
 from ..train.checkpoint import CheckpointCallback
 from ..train.curves import plot_curves, read_curves
-from ..data.mnist import DEFAULT_CACHE, TensorLoader, load_mnist, mnist_dls, mnist_source
+from ..core.config import DEFAULT_CACHE, build_config, config_dict
+from ..data.mnist import TensorLoader, load_mnist, mnist_dls, mnist_source
 from ..core.device import env_info, pick_device, resolve_precision
 from ..train.distributed import LaunchConfig, digest, distributed_context, gather_object, join_launch, main_only, rank
 from ..train.experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
@@ -39,55 +41,71 @@ def check_mnist_plan(archs: Sequence[str], epochs: int, bs: int, lr: float) -> l
     return archs
 
 
-def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "cnn"), epochs: int = 10,
-                bs: int = 64, lr: float = 3e-3, seed: int = 42, device: str = "auto", precision: str = "auto",
-                out: str | Path = "runs/mnist", overwrite: bool = False, progress: bool | None = None,
-                resume: str | Path | None = None, log: Callable[[str], None] = print,
-                launch: LaunchConfig | None = None, cache_dir: str | Path = DEFAULT_CACHE,
-                mirror: str | None = None) -> dict:
+@dataclass
+class MnistConfig:
+    """Everything a Part I run is asked for (see train_mnist); config.json holds it as it ran."""
+    source: str | Path = "sample"  # 'sample' (5,000 embedded digits), 'full' (download 70,000) or an MNIST folder
+    archs: Sequence[str] = ("mlp", "cnn")
+    epochs: int = 10
+    bs: int = 64
+    lr: float = 3e-3
+    seed: int = 42
+    device: str = "auto"
+    precision: str = "auto"
+    out: str | Path = "runs/mnist"
+    overwrite: bool = False
+    progress: bool | None = None
+    resume: str | Path | None = None
+    cache_dir: str | Path = DEFAULT_CACHE
+    mirror: str | None = None
+
+
+def train_mnist(config: MnistConfig | None = None, *, log: Callable[[str], None] = print,
+                launch: LaunchConfig | None = None, **options: Any) -> dict:
     """Train each MNIST model with `fit_one_cycle`; write metrics CSVs, curves.png, config.json and summary.json.
 
-    Every argument, the data and the device are checked before the run folder is made: bad input leaves nothing
-    behind. `source='full'` downloads MNIST once into `cache_dir` (from `mirror`, a base address holding
-    mnist_png.tgz, when given). Checkpoints (last and best epoch) go to `<run>/checkpoints/<model>/`;
-    `resume=RUN_DIR` continues an interrupted run with the arguments saved in its config.json, from each model's
-    last completed epoch.
+    `config`: an MnistConfig (or its fields as keywords in `options`). Every argument, the data and the device are
+    checked before the run folder is made: bad input leaves nothing behind. `source='full'` downloads MNIST once
+    into `cache_dir` (from `mirror`, a base address holding mnist_png.tgz, when given). Checkpoints (last and best
+    epoch) go to `<run>/checkpoints/<model>/`; `resume=RUN_DIR` continues an interrupted run with the arguments
+    saved in its config.json, from each model's last completed epoch.
 
     Launched on several processes (`torchrun`, `accelerate launch`; `launch` defaults to what the launcher set
     in the environment) it trains data-parallel: `bs` stays the batch of one optimiser step, split evenly over
     the processes, so the schedule and the results match a single process; metrics are summed over all ranks;
     rank 0 alone creates the run folder, writes its files and prints.
     """
-    if resume is not None:
-        saved = resume_config(resume, RESUME_KEYS, "train_mnist")
-        source, archs, epochs, bs, lr, seed = (saved[k] for k in RESUME_KEYS)
-    archs = check_mnist_plan(archs, epochs, bs, lr)
-    dev, main, world = join_launch(bs, pick_device(device), launch)
-    prec = resolve_precision(precision, dev)
+    cfg = build_config(MnistConfig, config, options)
+    if cfg.resume is not None:
+        saved = resume_config(cfg.resume, RESUME_KEYS, "train_mnist")
+        cfg = replace(cfg, **{k: saved[k] for k in RESUME_KEYS})
+    cfg = replace(cfg, archs=check_mnist_plan(cfg.archs, cfg.epochs, cfg.bs, cfg.lr))
+    dev, main, world = join_launch(cfg.bs, pick_device(cfg.device), launch)
+    prec = resolve_precision(cfg.precision, dev)
     log = main_only(log)
     t0 = time.perf_counter()
-    dls, test_dl = mnist_data(source, seed, bs, dev, cache_dir, mirror, main, log)
-    ctx = RunContext(open_run(out, overwrite, resume, main), dev, prec, main, world, progress, log)
-    config = dict(source=str(source), archs=archs, epochs=epochs, bs=bs, lr=lr, seed=seed, device=str(dev),
-                  precision=prec, optimizer=OPTIMIZER_NAME, schedule="fit_one_cycle",
-                  world_size=world, env=env_info(dev), data=dls.splits.source, mirror=mirror)
+    dls, test_dl = mnist_data(cfg, dev, main, log)
+    ctx = RunContext(open_run(cfg.out, cfg.overwrite, cfg.resume, main), dev, prec, main, world, cfg.progress, log)
+    config = dict(config_dict(cfg), source=str(cfg.source), device=str(dev), precision=prec,
+                  optimizer=OPTIMIZER_NAME, schedule="fit_one_cycle", world_size=world, env=env_info(dev),
+                  data=dls.splits.source)
     if world > 1:
-        config.update(bs_per_process=bs // world)
-    if resume is None and main:
+        config.update(bs_per_process=cfg.bs // world)
+    if cfg.resume is None and main:
         write_json(ctx.run / "config.json", config)
     log(f"data: {dls.splits.source}; split sizes {dls.splits.sizes()} ({time.perf_counter() - t0:.1f}s)"
-        + launch_note(dev, bs, world))
-    trained = [train_model(ctx, dls, test_dl, arch, epochs, lr, seed) for arch in archs]
+        + launch_note(dev, cfg.bs, world))
+    trained = [train_model(ctx, dls, test_dl, arch, cfg.epochs, cfg.lr, cfg.seed) for arch in cfg.archs]
     return write_mnist_summary(ctx, dls, config, trained, t0)
 
 
-def mnist_data(source: str | Path, seed: int, bs: int, dev: torch.device, cache_dir: str | Path, mirror: str | None,
-               main: bool, log: Callable[[str], None] | None) -> tuple[DataLoaders, TensorLoader]:
-    """The DataLoaders and test loader of `source`; rank 0 downloads 'full' first, the others then read it."""
-    if str(source) == "full":
-        on_rank_zero(lambda: mnist_source(source, cache_dir, mirror, log), main)
-    splits = load_mnist(source, seed=seed, cache_dir=cache_dir, mirror=mirror)
-    return mnist_dls(source, seed=seed, bs=bs, device=dev, splits=splits)
+def mnist_data(cfg: MnistConfig, dev: torch.device, main: bool,
+               log: Callable[[str], None] | None) -> tuple[DataLoaders, TensorLoader]:
+    """The DataLoaders and test loader of `cfg.source`; rank 0 downloads 'full' first, the others then read it."""
+    if str(cfg.source) == "full":
+        on_rank_zero(lambda: mnist_source(cfg.source, cfg.cache_dir, cfg.mirror, log), main)
+    splits = load_mnist(cfg.source, seed=cfg.seed, cache_dir=cfg.cache_dir, mirror=cfg.mirror)
+    return mnist_dls(cfg.source, seed=cfg.seed, bs=cfg.bs, device=dev, splits=splits)
 
 
 def train_model(ctx: RunContext, dls: DataLoaders, test_dl: TensorLoader, arch: str, epochs: int, lr: float,

@@ -7,11 +7,12 @@ pooling, flatten). Those are cached with the body (`feature_split`), so the cach
 trains on the cache through a fastai Learner over in-memory tensors (data.TensorLoader), and since it *is* the
 learner's head (the same modules, not a copy), the original learner predicts with the trained head afterwards.
 
-Equivalence: the cached path computes exactly what fastai's frozen mode with `train_bn=False` computes (body
-parameters frozen, body BatchNorm in eval mode through BnFreeze: the body is a fixed function of the image). It is
-*not* what fastai's default frozen mode (`train_bn=True`) computes: there the body's BatchNorm layers stay in
-training mode, normalise with each batch's own statistics and learn their affine parameters, so a body output
-depends on the other images in its batch and changes as training goes; no cache can reproduce that.
+Equivalence: the cached path computes exactly what the `frozen` mode (train.modes; fastai's `train_bn=False`)
+computes (body parameters frozen, body BatchNorm in eval mode through BnFreeze: the body is a fixed function of the
+image). It is *not* what `frozen_bn` (fastai's default `freeze()`, `train_bn=True`) computes: there the body's
+BatchNorm layers stay in training mode, normalise with each batch's own statistics and learn their affine
+parameters, so a body output depends on the other images in its batch and changes as training goes; no cache can
+reproduce that.
 """
 from __future__ import annotations
 
@@ -161,8 +162,8 @@ def train_head_on_features(learn: FastaiLearner, epochs: int, lr: float = 2e-3, 
     body in eval mode; then `fit_one_cycle(epochs, lr)` (or `fit` when `one_cycle` is False) trains the rest of
     the head on the cached vectors through the package's Learner over in-memory tensors, with the learner's loss,
     metrics, optimiser, weight decay and precision. The head modules are `learn.model[1]`'s own, so `learn`
-    predicts with the trained head afterwards. Equivalent to training with `set_mode(learn, 'frozen',
-    train_bn=False)` and no augmentation; see the module docstring for why `train_bn=True` differs.
+    predicts with the trained head afterwards. Equivalent to training with `set_mode(learn, 'frozen')` and no
+    augmentation; see the module docstring for why `frozen_bn` differs.
     """
     if epochs <= 0 or lr <= 0:
         raise ValueError(f"epochs and lr must be positive, got epochs={epochs}, lr={lr}")

@@ -6,9 +6,9 @@ import hashlib
 import json
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from fastai.data.core import DataLoaders
@@ -23,17 +23,18 @@ from ..train.distributed import (LaunchConfig, as_single_process, backend_for, b
                                  distributed_context, gather_object, join_launch, main_only, rank)
 from ..train.experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
                                 resume_unit)
-from ..data.images import (DEFAULT_CACHE, image_dls, image_source, info_dict, parse_aug, plot_image_grid,
-                           reseed, show_batch_png)
+from ..data.images import image_dls, image_source, info_dict, parse_aug, plot_image_grid, reseed, show_batch_png
 from ..train.optimizer import OPTIMIZER_NAME
 from ..data.pipeline import check_pipeline
+from ..core.config import DEFAULT_CACHE, build_config, config_dict
 from ..core.runs import markdown_table, pyplot, read_json, save_figure, write_json
-from .learner import MODES, check_image_size, check_plan, resnet_learner, set_mode, train_mode
+from ..train.modes import DEFAULT_MODES, mode_label, set_mode, training_mode
+from .learner import check_image_size, check_plan, resnet_learner, train_mode
 from .weights import RANDOM_INIT, WeightsArg, check_weights, describe_weights, normalization
 
 # what a run folder's config.json fixes for `resume`: the experiment itself, not where or how fast it runs
-RESUME_KEYS = ("data", "arch", "size", "bs", "epochs", "modes", "pretrained", "lr", "freeze_epochs", "train_bn", "aug",
-               "seed", "channels_last")
+RESUME_KEYS = ("data", "arch", "size", "bs", "epochs", "modes", "pretrained", "lr", "freeze_epochs", "aug", "seed",
+               "channels_last")
 SUMMARY_COLUMNS = ("mode", "weights", "trainable_params", "params", "epochs", "sec_per_epoch",
                    "final_valid_accuracy", "best_valid_accuracy")
 
@@ -164,7 +165,20 @@ def _resume_config(run: Path) -> dict[str, Any]:
     saved = resume_config(run, RESUME_KEYS, "finetune")
     kept = {k: saved[k] for k in RESUME_KEYS}
     kept["pretrained"] = {"True": True, "False": False}.get(str(saved["pretrained"]), saved["pretrained"])
+    if "train_bn" in saved:  # written before the modes table: train_bn beside the modes
+        _check_old_train_bn(run, kept["modes"], saved["train_bn"])
     return dict(kept, weights=saved.get("weights"))
+
+
+def _check_old_train_bn(run: Path, modes: Sequence[str], train_bn: bool) -> None:
+    """Refuse to resume a run whose saved train_bn gave one of its modes another meaning than the table's."""
+    if train_bn and "frozen" in modes:
+        raise ValueError(f"{run} was made before the modes were renamed: its 'frozen' trained the body's BatchNorm "
+                         "(train_bn=True), which is 'frozen_bn' now, and its checkpoints cannot continue under "
+                         "another mode: start a new run (--modes ...,frozen_bn for what it trained)")
+    if not train_bn and "finetune" in modes:
+        raise ValueError(f"{run} was made before the modes were renamed: its 'finetune' kept the body's BatchNorm "
+                         "frozen in the head-only phase (train_bn=False), which no mode does now: start a new run")
 
 
 def _split_digest(dls: DataLoaders) -> str:
@@ -174,54 +188,61 @@ def _split_digest(dls: DataLoaders) -> str:
 
 
 @dataclass
-class FinetunePlan:
-    """A checked finetune experiment: what it trains (the RESUME_KEYS), where its weights come from and how its
-    inputs are normalised."""
-    data: str
-    arch: str
-    size: int
-    bs: int
-    epochs: int
-    modes: list[str]
-    pretrained: WeightsArg
-    lr: float
-    freeze_epochs: int
-    train_bn: bool
-    aug: str
-    seed: int
-    channels_last: bool | None  # None: on CUDA only (device.resolve_channels_last)
+class FinetuneConfig:
+    """Everything a finetune run is asked for (see finetune_experiment): what it trains, where its data and weights
+    come from, and where and how it runs. config.json holds it, checked (FinetunePlan), as the run ran it."""
+    RENAMED: ClassVar[dict[str, str]] = {
+        "train_bn": "the modes say it: 'frozen' freezes the body's BatchNorm with the body, 'frozen_bn' trains it"}
+    data: str | Path = "lfw"
+    arch: str = "resnet50"
+    size: int | None = None  # None: 64 for 'lfw', 224 otherwise
+    bs: int = 32
+    epochs: int = 5
+    modes: Sequence[str] = DEFAULT_MODES["finetune"]
+    pretrained: WeightsArg = False
+    lr: float = 2e-3
+    freeze_epochs: int = 1
+    aug: str = "default"
+    seed: int = 42
+    channels_last: bool | None = None  # None: on CUDA only (device.resolve_channels_last)
+    precision: str = "auto"
+    device: str = "auto"
+    out: str | Path = "runs/finetune"
+    overwrite: bool = False
+    cache_dir: str | Path = DEFAULT_CACHE
+    progress: bool | None = None
+    resume: str | Path | None = None
+    mirror: str | None = None
+    pipeline: str = "auto"
+
+
+@dataclass
+class FinetunePlan(FinetuneConfig):
+    """A checked FinetuneConfig (a resumed run's saved arguments, modes without repeats, the image size chosen),
+    with where its weights come from and how its inputs are normalised."""
     weights: str = RANDOM_INIT
     weights_info: dict | None = None
     normalize: dict = field(default_factory=dict)
-    resume: Path | None = None
 
     @property
     def transfers(self) -> bool:
-        """Whether a mode starts from the pretrained weights (finetune or frozen)."""
-        return bool(set(self.modes) & {"finetune", "frozen"})
-
-    def config(self) -> dict[str, Any]:
-        """The plan as saved in config.json (pretrained as True / False / the path)."""
-        keys = RESUME_KEYS + ("weights", "normalize")
-        return dict({k: getattr(self, k) for k in keys}, data=str(self.data),
-                    pretrained=self.pretrained if isinstance(self.pretrained, bool) else str(self.pretrained))
+        """Whether a mode starts from the pretrained weights (every mode but scratch)."""
+        return any(training_mode(m).pretrained for m in self.modes)
 
 
-def plan_finetune(data: str | Path, arch: str, size: int | None, bs: int, epochs: int, modes: Sequence[str],
-                  pretrained: WeightsArg, lr: float, freeze_epochs: int, train_bn: bool, aug: str, seed: int,
-                  channels_last: bool | None, resume: str | Path | None = None) -> FinetunePlan:
+def plan_finetune(config: FinetuneConfig) -> FinetunePlan:
     """Check every argument before any work: a resumed run's folder and saved arguments, the modes and schedule,
     the architecture and image size, and a weights file (read with weights_only into a fresh body of `arch`)."""
-    args = dict(data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained, lr=lr,
-                freeze_epochs=freeze_epochs, train_bn=train_bn, aug=aug, seed=seed, channels_last=channels_last)
-    saved = _resume_config(Path(resume)) if resume is not None else {}
-    args.update({k: saved[k] for k in RESUME_KEYS if k in saved})
-    plan = FinetunePlan(**args, resume=Path(resume) if resume is not None else None)
-    plan.modes = check_plan(plan.modes, MODES, "training mode", plan.arch, plan.epochs, plan.bs, plan.lr,
-                            plan.freeze_epochs)
+    saved = _resume_config(Path(config.resume)) if config.resume is not None else {}
+    given = {f.name: getattr(config, f.name) for f in fields(config)}
+    given.update({k: saved[k] for k in RESUME_KEYS if k in saved})
+    plan = FinetunePlan(**given)
+    plan.resume = Path(plan.resume) if plan.resume is not None else None
+    plan.modes = check_plan(plan.modes, "finetune", plan.arch, plan.epochs, plan.bs, plan.lr, plan.freeze_epochs)
     plan.size = (64 if str(plan.data) == "lfw" else 224) if plan.size is None else plan.size
     check_image_size(plan.arch, plan.size)  # before any data is read or folder made
     parse_aug(plan.aug)
+    check_pipeline(plan.pipeline)
     plan.weights, plan.weights_info = describe_weights(plan.pretrained, plan.arch)
     if saved.get("weights") and plan.weights.startswith("file:") and plan.weights != saved["weights"]:
         raise ValueError(f"the weights file changed since the run started ({saved['weights']}, now {plan.weights}): "
@@ -232,19 +253,20 @@ def plan_finetune(data: str | Path, arch: str, size: int | None, bs: int, epochs
     return plan
 
 
-def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int, cache_dir: str | Path,
-                  mirror: str | None, log: Callable[[str], None] | None, pipeline: str = "auto") -> DataLoaders:
+def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
+                  log: Callable[[str], None] | None) -> DataLoaders:
     """Rank 0 fetches what is online (hub weights, a named source's archive) while the others wait; then every
     rank reads the DataLoaders, refused when the training set holds less than one batch."""
     def fetch() -> None:
         if plan.transfers and plan.pretrained is True:
             check_weights(True, plan.arch)  # downloaded or found in the Hugging Face cache: the learners read it there
-        image_source(plan.data, cache_dir, mirror, log)
+        image_source(plan.data, plan.cache_dir, plan.mirror, log)
 
     on_rank_zero(fetch, main)
     set_seed(plan.seed, reproducible=True)
     dls = image_dls(plan.data, size=plan.size, bs=plan.bs // world, seed=plan.seed, aug=plan.aug, device=dev,
-                    cache_dir=cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]), pipeline=pipeline)
+                    cache_dir=plan.cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]),
+                    pipeline=plan.pipeline)
     if dls.info.n_train < plan.bs:  # fastai drops the last incomplete training batch
         raise ValueError(f"batch size {plan.bs} is larger than the {dls.info.n_train} training images of "
                          f"{plan.data}, so not one training batch would remain (fastai drops the last incomplete "
@@ -252,10 +274,12 @@ def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
     return dls
 
 
-def start_run(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, mirror: str | None, t0: float) -> dict:
-    """config.json (a new run), show_batch.png and the log's account of the data; returns the config."""
-    config = dict(plan.config(), device=str(ctx.dev), precision=ctx.precision,
-                  optimizer=OPTIMIZER_NAME, world_size=ctx.world, mirror=mirror,
+def start_run(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, t0: float) -> dict:
+    """config.json (a new run: the plan, with the device and precision that run), show_batch.png and the log's
+    account of the data; returns the config."""
+    config = dict(config_dict(plan), device=str(ctx.dev), precision=ctx.precision,
+                  mode_settings={m: training_mode(m).settings() for m in plan.modes},
+                  optimizer=OPTIMIZER_NAME, world_size=ctx.world,
                   pipeline=dls.info.pipeline_info.get("asked"), pipeline_ran=dls.info.pipeline, env=env_info(ctx.dev))
     if ctx.world > 1:
         config.update(bs_per_process=plan.bs // ctx.world, backend=backend_for(ctx.dev))
@@ -270,8 +294,9 @@ def start_run(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, mirror: str
     if ctx.main:
         show_batch_png(dls, ctx.run / "show_batch.png", title=f"training batch ({plan.aug} augmentation)")
     if plan.weights == RANDOM_INIT and plan.transfers:
-        ctx.log("WARNING: no pretrained weights: finetune and frozen start from a random init and are labelled "
-                "'random init'. Pass pretrained=PATH (--weights PATH) or pretrained=True (--pretrained) to transfer.")
+        ctx.log(f"WARNING: no pretrained weights: {', '.join(m for m in plan.modes if training_mode(m).pretrained)} "
+                "start from a random init and are labelled 'random init'. Pass pretrained=PATH (--weights PATH) or "
+                "pretrained=True (--pretrained) to transfer.")
     return config
 
 
@@ -279,8 +304,8 @@ def build_learner(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, mode: s
                   init: WeightsArg = False) -> Learner:
     """The mode's learner: `arch` with weights `init` on `dls`, writing its curves to `csv_path`."""
     return resnet_learner(dls, plan.arch, pretrained=init, precision=ctx.precision, channels_last=plan.channels_last,
-                          train_bn=plan.train_bn, csv_path=csv_path, progress=ctx.progress if ctx.main else False,
-                          log=ctx.log, path=ctx.run, lr=plan.lr, name=mode)
+                          train_bn=training_mode(mode).train_bn, csv_path=csv_path,
+                          progress=ctx.progress if ctx.main else False, log=ctx.log, path=ctx.run, lr=plan.lr, name=mode)
 
 
 def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
@@ -294,18 +319,18 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
     set_seed(plan.seed, reproducible=True)  # every mode gets the same head init, augmentation draws ...
     reseed(dls, plan.seed)  # ... and batch order
     learn = build_learner(ctx, plan, dls, mode, csv_path if ctx.main else None,
-                          False if mode == "scratch" else plan.pretrained)
+                          plan.pretrained if training_mode(mode).pretrained else False)
     ctx.log(f"{mode}: {learn.weights}")
     if ctx.main:
         learn.add_cb(CheckpointCallback(ckpt))
-    set_mode(learn, mode, plan.train_bn)  # the optimizer state loads into the layout training uses
+    set_mode(learn, mode)  # the optimizer state loads into the layout training uses
     start = resume_unit(learn, ckpt, csv_path, ctx.main)
     if start:
-        phase = (" (head-only phase)" if start < plan.freeze_epochs else " (unfrozen phase)") * (mode == "finetune")
+        fine_tune = training_mode(mode).schedule == "fine_tune"
+        phase = (" (head-only phase)" if start < plan.freeze_epochs else " (unfrozen phase)") * fine_tune
         ctx.log(f"{mode}: resuming after epoch {start}/{plan.epochs}{phase}")
     with distributed_context(learn):  # no-op in a single process
-        done = train_mode(learn, mode, plan.epochs, lr=plan.lr, freeze_epochs=plan.freeze_epochs,
-                          train_bn=plan.train_bn, start=start)
+        done = train_mode(learn, mode, plan.epochs, lr=plan.lr, freeze_epochs=plan.freeze_epochs, start=start)
     history = broadcast_object(read_curves(csv_path) if ctx.main else None)  # the whole run, resumed or not
     result = dict(
         mode=mode, weights=learn.weights, trainable_params=done["phases"][-1]["trainable_params"],
@@ -347,8 +372,9 @@ def train_modes(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders) -> Traine
             if learn is not None and (out.best_mode is None or _best({out.best_mode: out.results[out.best_mode],
                                                                       mode: result}) == mode):
                 out.best_mode, out.best_learn = mode, learn
-            label = f"{mode} (random init)" if result["weights"] == RANDOM_INIT and mode != "scratch" else mode
-            out.histories[label] = history
+            pretrained = training_mode(mode).pretrained
+            out.histories[mode_label(mode) + (" [random init]" if pretrained and result["weights"] == RANDOM_INIT
+                                              else "")] = history
     except KeyboardInterrupt:
         ctx.log(f"\ninterrupted during {mode}: every completed epoch is saved in {ctx.run / 'checkpoints'}; continue "
                 f"with resume={str(ctx.run)!r} (scripts/finetune.py --resume {ctx.run})")
@@ -385,7 +411,7 @@ def write_finetune_summary(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders
     info, results = info_dict(dls), trained.results
     best_mode = _best(results)
     summary = dict(run_dir=str(ctx.run), data=info, arch=plan.arch, size=plan.size, bs=plan.bs, epochs=plan.epochs,
-                   lr=plan.lr, freeze_epochs=plan.freeze_epochs, train_bn=plan.train_bn, aug=plan.aug, seed=plan.seed,
+                   lr=plan.lr, freeze_epochs=plan.freeze_epochs, aug=plan.aug, seed=plan.seed,
                    device=str(ctx.dev), device_name=config["env"].get("device_name"), precision=ctx.precision,
                    channels_last=plan.channels_last, weights=plan.weights, weights_info=plan.weights_info,
                    normalize=plan.normalize, modes=results, best_mode=best_mode, world_size=ctx.world,
@@ -397,7 +423,8 @@ def write_finetune_summary(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders
     if not ctx.main:
         return summary
     # the learners' own account of their weights (the hub's full id, a file's digest), as each mode recorded it
-    weights = summary["weights"] = next((r["weights"] for m, r in results.items() if m != "scratch"), plan.weights)
+    weights = summary["weights"] = next((r["weights"] for m, r in results.items() if training_mode(m).pretrained),
+                                        plan.weights)
     summary.update(evaluate_best(ctx, plan, dls, trained, best_mode, weights))
     rows = [dict(r, weights=r["weights"] if r["weights"] == RANDOM_INIT else r["weights"].split(" (sha256")[0])
             for r in results.values()]
@@ -410,27 +437,23 @@ def write_finetune_summary(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders
     return summary
 
 
-def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: int | None = None, bs: int = 32,
-                        epochs: int = 5, modes: Sequence[str] = MODES, pretrained: WeightsArg = False,
-                        lr: float = 2e-3, freeze_epochs: int = 1, train_bn: bool = True, precision: str = "auto",
-                        channels_last: bool | None = None, aug: str = "default", seed: int = 42, device: str = "auto",
-                        out: str | Path = "runs/finetune", overwrite: bool = False,
-                        cache_dir: str | Path = DEFAULT_CACHE, progress: bool | None = None,
-                        resume: str | Path | None = None, log: Callable[[str], None] = print,
-                        launch: LaunchConfig | None = None, mirror: str | None = None, pipeline: str = "auto") -> dict:
+def finetune_experiment(config: FinetuneConfig | None = None, *, log: Callable[[str], None] = print,
+                        launch: LaunchConfig | None = None, **options: Any) -> dict:
     """Train `arch` on `data` in each mode; write config.json, metrics_<mode>.csv, comparison.png, show_batch.png,
     predictions.png, confusion_matrix.png, model.pkl (the best mode), summary.json and summary.md.
 
-    `size` defaults to 64 for the embedded 'lfw' (25 px images) and 224 otherwise. scratch always starts
-    from a random init; finetune and frozen use `pretrained` (True: timm hub, a path: local weights file,
-    False: random init, labelled so everywhere). Inputs are normalised with the statistics the weights expect
-    (hub weights: their timm pretrained config; otherwise ImageNet's), recorded as `normalize`.
+    `config`: a FinetuneConfig; `options`: its fields as keywords (on top of `config` when both are given), e.g.
+    `finetune_experiment(data="lfw", arch="resnet18", epochs=3)`. `size` defaults to 64 for the embedded 'lfw'
+    (25 px images) and 224 otherwise. The modes are train.modes' (default scratch, finetune, frozen; also
+    frozen_bn): scratch always starts from a random init; the others from `pretrained` (True: timm hub, a path:
+    local weights file, False: random init, labelled so everywhere). Inputs are normalised with the statistics the
+    weights expect (hub weights: their timm pretrained config; otherwise ImageNet's), recorded as `normalize`.
 
     Everything is checked before the run folder is made, so bad input stops within seconds and leaves nothing
     behind: the arguments, a weights file (read with weights_only into a body of `arch`), hub weights (downloaded,
     or found in the Hugging Face cache), the data (a named source downloaded once into `cache_dir`, from `mirror`
     when given: a base address holding the archives under their file names), its images, and a training set
-    holding at least one batch.
+    holding at least one batch. The device and the precision are resolved once, here.
 
     Checkpoints: after every epoch `<run>/checkpoints/<mode>/last.pth` (and `best.pth` when the validation
     accuracy improves), written atomically; a finished mode leaves `result.json` there. `resume=RUN_DIR`
@@ -442,17 +465,16 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
     mnist.train_mnist: `bs` stays the batch of one optimiser step, `bs // world` images per process; every rank
     draws the same split from `seed`; rank 0 alone downloads, writes the run folder and prints.
     """
-    plan = plan_finetune(data, arch, size, bs, epochs, modes, pretrained, lr, freeze_epochs, train_bn, aug, seed,
-                         channels_last, resume)
-    check_pipeline(pipeline)
-    dev, main, world = join_launch(plan.bs, pick_device(device), launch)
-    prec = resolve_precision(precision, dev)
+    plan = plan_finetune(build_config(FinetuneConfig, config, options))
+    dev, main, world = join_launch(plan.bs, pick_device(plan.device), launch)
+    prec = resolve_precision(plan.precision, dev)
     plan.channels_last = resolve_channels_last(plan.channels_last, dev)  # None: on CUDA
     log = main_only(log)
     t0 = time.perf_counter()
-    dls = finetune_data(plan, dev, main, world, cache_dir, mirror, log, pipeline)
+    dls = finetune_data(plan, dev, main, world, log)
     # rank 0 names the run folder (a new -2, -3, ... if it exists) and tells the others
-    ctx = RunContext(open_run(out, overwrite, resume, main), dev, prec, main, world, progress, log)
-    config = start_run(ctx, plan, dls, mirror, t0)
+    ctx = RunContext(open_run(plan.out, plan.overwrite, plan.resume, main), dev, prec, main, world, plan.progress,
+                     log)
+    config = start_run(ctx, plan, dls, t0)
     trained = train_modes(ctx, plan, dls)
     return write_finetune_summary(ctx, plan, dls, config, trained, t0)

@@ -1,5 +1,6 @@
-"""The three modes on a target task with few labels (scratch, frozen body, fine-tune) and the label-efficiency
-study: test accuracy against labelled images per class, one line per mode, several seeds."""
+"""The training modes on a target task with few labels (scratch, frozen body with or without its BatchNorm
+training, fine-tune: train.modes' table) and the label-efficiency study: test accuracy against labelled images per
+class, one line per mode, several seeds."""
 from __future__ import annotations
 
 import csv
@@ -7,6 +8,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,23 +22,15 @@ from ..data.mnist import MNIST_MEAN, MNIST_STD, TensorLoader
 from ..train.curves import plot_curves
 from ..core.device import env_info, pick_device, resolve_precision
 from ..data.images import plot_image_grid
-from ..core.checks import check_name
+from ..core.config import BODY_CACHE, build_config, config_dict
+from ..train.modes import DEFAULT_MODES, check_modes, mode_label, training_mode
 from ..train.optimizer import OPTIMIZER_NAME
-from .pretrain import BODY_CACHE, DEFAULT_ARCH, describe_body, pretrained_body
+from .pretrain import DEFAULT_ARCH, BodyConfig, describe_body, pretrained_body
 from ..core.runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
 from ..data.tasks import SourceTask, TargetTask, load_tasks, prepare, prepare_pipelines, tensor_dls
 from .learner import check_plan, resnet_learner, train_mode
+from .weights import WeightsArg
 
-STUDY_MODES = ("scratch", "frozen", "frozen_bn", "finetune")
-MODE_LABELS = {
-    "scratch": "scratch (random init, fit_one_cycle)",
-    "frozen": "frozen body, head only (train_bn=False)",
-    "frozen_bn": "frozen body, head + BatchNorm (train_bn=True)",
-    "finetune": "fine_tune (head, then everything)",
-}
-# (transfer.train_mode's mode, train_bn) behind each mode of the study
-MODE_SETTINGS = {"scratch": ("scratch", True), "frozen": ("frozen", False), "frozen_bn": ("frozen", True),
-                 "finetune": ("finetune", True)}
 DEFAULT_KS = (5, 10, 20, 50, 100)
 
 
@@ -95,43 +89,62 @@ class RecalibrateBN(Callback):
             recalibrate_bn(self.learn)
 
 
-def target_run(target: TargetTask, mode: str, k: int, seed: int, weights: bool | str | Path, arch: str = DEFAULT_ARCH,
-               size: int = 32, n_in: int = 1, mean: float = MNIST_MEAN, std: float = MNIST_STD, epochs: int = 20,
-               bs: int = 32, lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 1.0,
-               recalibrate: bool = True, device: str = "auto", precision: str = "auto",
-               progress: bool | None = None, csv_path: str | Path | None = None,
-               log: Callable[[str], None] | None = None) -> tuple[Learner, dict[str, Any]]:
-    """Train one study mode on `k` labelled target images per class (draw and init from `seed`) through
+@dataclass
+class TargetSetup:
+    """How every target run of a study trains: the weights of the transferring modes, the model, its inputs
+    (size, channels, normalisation) and the schedule, the same in every mode."""
+    weights: WeightsArg = False
+    arch: str = DEFAULT_ARCH
+    size: int = 32
+    n_in: int = 1
+    mean: float = MNIST_MEAN
+    std: float = MNIST_STD
+    epochs: int = 20
+    bs: int = 32
+    lr: float = 2e-3
+    freeze_epochs: int = 1
+    lr_mult: float = 1.0  # fine_tune's body lr = head lr / lr_mult
+    recalibrate: bool = True  # recompute the statistics of the BatchNorm layers that trained before testing
+
+
+def target_run(target: TargetTask, mode: str, k: int, seed: int, setup: TargetSetup | None = None, *,
+               device: str | torch.device = "auto", precision: str = "auto", progress: bool | None = None,
+               csv_path: str | Path | None = None, log: Callable[[str], None] | None = None,
+               **options: Any) -> tuple[Learner, dict[str, Any]]:
+    """Train one of the table's modes on `k` labelled target images per class (draw and init from `seed`) through
     `resnet_learner` and `train_mode`, then measure accuracy on the unseen target test set.
 
-    scratch ignores `weights`. finetune is fastai's `fine_tune` with `lr_mult` (body lr = head lr / lr_mult).
-    `recalibrate`: recompute the statistics of the BatchNorm layers that trained before testing (recalibrate_bn).
-    `csv_path`: write the per-epoch curves there (valid columns need a target validation set).
+    `setup`: a TargetSetup (or its fields as keywords in `options`). Modes that do not start pretrained (scratch)
+    ignore its `weights`. finetune is fastai's `fine_tune` with `lr_mult`. `recalibrate`: recompute the
+    statistics of the BatchNorm layers that trained before testing (recalibrate_bn). `csv_path`: write the
+    per-epoch curves there (valid columns need a target validation set). A study passes its resolved device and
+    precision.
     """
-    check_name(mode, STUDY_MODES, "study mode")
+    s = build_config(TargetSetup, setup, options)
+    check_modes([mode], "label-efficiency")
+    m = training_mode(mode)
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
     x, y = target.train(k, seed)
-    dls = tensor_dls(prepare(x, size, mean, std, n_in), y, prepare(target.x_valid, size, mean, std, n_in),
-                     target.y_valid, target.classes, bs, seed, dev,
-                     **prepare_pipelines(x.shape[-1], size, mean, std, n_in))
-    test = TensorLoader(prepare(target.x_test, size, mean, std, n_in), target.y_test, 256, device=dev)
-    fastai_mode, train_bn = MODE_SETTINGS[mode]
+    dls = tensor_dls(prepare(x, s.size, s.mean, s.std, s.n_in), y, prepare(target.x_valid, s.size, s.mean, s.std,
+                                                                           s.n_in),
+                     target.y_valid, target.classes, s.bs, seed, dev,
+                     **prepare_pipelines(x.shape[-1], s.size, s.mean, s.std, s.n_in))
+    test = TensorLoader(prepare(target.x_test, s.size, s.mean, s.std, s.n_in), target.y_test, 256, device=dev)
     set_seed(seed, reproducible=True)  # same head init and batch order in every mode
-    learn = resnet_learner(dls, arch, pretrained=False if mode == "scratch" else weights, n_in=n_in,
-                           precision=prec, train_bn=train_bn, csv_path=csv_path, progress=progress, log=log, lr=lr,
-                           name=mode)
-    if recalibrate and csv_path is not None and len(target.y_valid):
+    learn = resnet_learner(dls, s.arch, pretrained=s.weights if m.pretrained else False, n_in=s.n_in,
+                           precision=prec, train_bn=m.train_bn, csv_path=csv_path, progress=progress, log=log,
+                           lr=s.lr, name=mode)
+    if s.recalibrate and csv_path is not None and len(target.y_valid):
         learn.add_cb(RecalibrateBN())
-    done = train_mode(learn, fastai_mode, epochs, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn,
-                      lr_mult=lr_mult)
+    done = train_mode(learn, mode, s.epochs, lr=s.lr, freeze_epochs=s.freeze_epochs, lr_mult=s.lr_mult)
     start = time.perf_counter()
-    recalibrated = recalibrate_bn(learn) if recalibrate else []
+    recalibrated = recalibrate_bn(learn) if s.recalibrate else []
     recal_seconds = time.perf_counter() - start
     start = time.perf_counter()
     loss, acc = learn.validate(dl=test)
     return learn, dict(mode=mode, k=k, seed=seed, test_accuracy=float(acc), test_loss=float(loss),
-                       n_train=len(y), n_test=len(target.y_test), epochs=epochs,
+                       n_train=len(y), n_test=len(target.y_test), epochs=s.epochs,
                        steps=sum(p["epochs"] for p in done["phases"]) * len(dls.train),
                        train_seconds=done["seconds"], recalibrate_seconds=recal_seconds,
                        recalibrated_bn_layers=len(recalibrated), test_seconds=time.perf_counter() - start,
@@ -175,7 +188,7 @@ def plot_label_efficiency(accuracy: dict[str, dict[str, list[float]]], path: str
             continue
         c = colours[i % len(colours)]
         stats = [_spread(per_k[str(k)]) for k in ks]
-        ax.plot(ks, [s["mean"] for s in stats], "-o", color=c, ms=4, label=MODE_LABELS.get(mode, mode))
+        ax.plot(ks, [s["mean"] for s in stats], "-o", color=c, ms=4, label=mode_label(mode))
         ax.fill_between(ks, [s["min"] for s in stats], [s["max"] for s in stats], color=c, alpha=0.15, lw=0)
         for k in ks:
             ax.plot([k] * len(per_k[str(k)]), per_k[str(k)], ".", color=c, ms=3, alpha=0.6)
@@ -241,58 +254,84 @@ def timing_summary(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 1, 2),
-                     modes: Sequence[str] = STUDY_MODES, arch: str = DEFAULT_ARCH, size: int = 32, n_in: int = 1,
-                     epochs: int = 20, bs: int = 32, lr: float = 2e-3, freeze_epochs: int = 1,
-                     lr_mult: float = 1.0, recalibrate: bool = True,
-                     pretrain_epochs: int = 4, pretrain_lr: float = 5e-3, pretrain_bs: int = 64,
-                     pretrain_seed: int = 0, source: str | Path = "mnist", target: str | Path | None = None,
-                     tasks: tuple[SourceTask, TargetTask] | None = None, weights: bool | str | Path | None = None,
-                     valid_pct: float = 0.0, curves_k: int | None = None, cache_dir: str | Path = BODY_CACHE, retrain: bool = False, device: str = "auto",
-                     precision: str = "auto", out: str | Path = "runs/label_efficiency", overwrite: bool = False,
-                     command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+@dataclass
+class StudyConfig:
+    """Everything a label-efficiency study is asked for (see label_efficiency); config.json holds it as it ran."""
+    ks: Sequence[int] = DEFAULT_KS  # labelled target images per class
+    seeds: Sequence[int] = (0, 1, 2)  # seeds of the label draw, head init and batch order
+    modes: Sequence[str] = DEFAULT_MODES["label-efficiency"]
+    arch: str = DEFAULT_ARCH
+    size: int = 32
+    n_in: int = 1
+    epochs: int = 20
+    bs: int = 32
+    lr: float = 2e-3
+    freeze_epochs: int = 1
+    lr_mult: float = 1.0  # fine_tune's body lr = head lr / lr_mult
+    recalibrate: bool = True  # recompute the statistics of the BatchNorm layers that trained before testing
+    pretrain_epochs: int = 4
+    pretrain_lr: float = 5e-3
+    pretrain_bs: int = 64
+    pretrain_seed: int = 0
+    source: str | Path = "mnist"  # 'mnist' (digits 0-4 -> 5-9) or a source image folder
+    target: str | Path | None = None  # the target image folder, with a source folder
+    weights: WeightsArg | None = None  # None: the body pretrained on the source (cached); True or a path instead
+    valid_pct: float = 0.0
+    curves_k: int | None = None  # also record every mode's learning curves at this k (first seed)
+    cache_dir: str | Path = BODY_CACHE  # the body cache
+    retrain: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    out: str | Path = "runs/label_efficiency"
+    overwrite: bool = False
+    command: str = ""  # the command line that started the study, for the report
+
+    def body(self) -> BodyConfig:
+        """The body the study pretrains on the source task, when no weights are given."""
+        return BodyConfig(self.arch, self.size, self.n_in, self.pretrain_epochs, self.pretrain_lr, self.pretrain_bs,
+                          self.pretrain_seed)
+
+    def setup(self, weights: WeightsArg, mean: float, std: float) -> TargetSetup:
+        """How each target run trains, with the transferring modes' `weights` and the inputs' normalisation."""
+        return TargetSetup(weights, self.arch, self.size, self.n_in, mean, std, self.epochs, self.bs, self.lr,
+                           self.freeze_epochs, self.lr_mult, self.recalibrate)
+
+
+def label_efficiency(config: StudyConfig | None = None, *, tasks: tuple[SourceTask, TargetTask] | None = None,
+                     log: Callable[[str], None] = print, **options: Any) -> dict[str, Any]:
     """Test accuracy against k labelled target images per class, for each mode and seed, from one pretrained body.
 
-    Writes config.json, runs.csv (one row per run, as they finish), label_efficiency.json
-    ({mode: {k: [accuracy per seed]}}), label_efficiency.png, label_efficiency.md and summary.json (with the
-    body's sidecar and the seconds of pretraining and of each mode). `weights`: None uses (and caches) a body
-    pretrained on the source task; a path or True (timm hub) uses those weights instead. With `curves_k`, the
-    first seed's runs at that k also write curves_<mode>.csv, comparison.png (learning curves of every mode on
-    `valid_pct` of the target images) and predictions.png (the last mode's predictions on target test images).
+    `config`: a StudyConfig (or its fields as keywords in `options`); `tasks`: the (source, target) tasks, instead
+    of loading `source` and `target`. Writes config.json, runs.csv (one row per run, as they finish),
+    label_efficiency.json ({mode: {k: [accuracy per seed]}}), label_efficiency.png, label_efficiency.md and
+    summary.json (with the body's sidecar and the seconds of pretraining and of each mode). `weights`: None uses
+    (and caches) a body pretrained on the source task; a path or True (timm hub) uses those weights instead. With
+    `curves_k`, the first seed's runs at that k also write curves_<mode>.csv, comparison.png (learning curves of
+    every mode on `valid_pct` of the target images) and predictions.png (the last mode's predictions on target test
+    images). The device and the precision are resolved once, here, and every run uses them.
     """
-    ks, seeds, modes = _check_study(ks, seeds, modes, arch, epochs, bs, lr, freeze_epochs, lr_mult, curves_k)
-    src, tgt = tasks if tasks is not None else load_tasks(source, target, size, valid_pct=valid_pct)
+    cfg = _check_study(build_config(StudyConfig, config, options))
+    src, tgt = tasks if tasks is not None else load_tasks(cfg.source, cfg.target, cfg.size, valid_pct=cfg.valid_pct)
     if tgt is None:
         raise ValueError("the study needs a target task: pass target=FOLDER with a source folder, or source='mnist'")
-    for k in ks:
-        tgt.draw(k, seeds[0])  # a k larger than the pool fails now, not after an hour
-    dev = pick_device(device)
-    prec = resolve_precision(precision, dev)
+    for k in cfg.ks:
+        tgt.draw(k, cfg.seeds[0])  # a k larger than the pool fails now, not after an hour
+    dev = pick_device(cfg.device)
+    prec = resolve_precision(cfg.precision, dev)
     t0 = time.perf_counter()
-    run = new_run_dir(out, overwrite)
+    run = new_run_dir(cfg.out, cfg.overwrite)
     env = env_info(dev)
-    weights, body_info, (mean, std) = _study_weights(
-        weights, modes, src, arch, size, n_in, dict(epochs=pretrain_epochs, lr=pretrain_lr, bs=pretrain_bs,
-                                                    seed=pretrain_seed), cache_dir, retrain, device, precision, log)
-    config = dict(command=command, ks=ks, seeds=seeds, modes=modes, arch=arch, size=size, n_in=n_in, epochs=epochs,
-                  bs=bs, lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, recalibrate_bn=recalibrate,
-                  valid_pct=valid_pct, curves_k=curves_k,
-                  pretrain_epochs=pretrain_epochs,
-                  pretrain_lr=pretrain_lr, pretrain_bs=pretrain_bs, pretrain_seed=pretrain_seed,
-                  source=src.description, target=tgt.description, source_sizes=src.sizes(),
+    weights, body_info, (mean, std) = _study_weights(cfg, src, dev, prec, log)
+    config = dict(config_dict(cfg), source=src.description, target=tgt.description, source_sizes=src.sizes(),
                   target_sizes=tgt.sizes(), weights=str(weights), normalize=dict(mean=mean, std=std),
                   device=str(dev), precision=prec, optimizer=OPTIMIZER_NAME,
-                  mode_settings={m: dict(zip(("train_mode", "train_bn"), MODE_SETTINGS[m])) for m in modes},
-                  load_average=_load(), env=env)
+                  mode_settings={m: training_mode(m).settings() for m in cfg.modes}, load_average=_load(), env=env)
     write_json(run / "config.json", config)
     log(f"source: {src.description} {src.sizes()}; target: {tgt.description} {tgt.sizes()}")
     if body_info is not None:
         log(f"weights: {describe_body(body_info)}")
 
-    train = dict(weights=weights, arch=arch, size=size, n_in=n_in, mean=mean, std=std, epochs=epochs, bs=bs, lr=lr,
-                 freeze_epochs=freeze_epochs, lr_mult=lr_mult, recalibrate=recalibrate, device=device,
-                 precision=precision)
-    accuracy, runs, histories = _run_grid(run, tgt, ks, seeds, modes, curves_k, train, log)
+    accuracy, runs, histories = _run_grid(run, tgt, cfg, cfg.setup(weights, mean, std), dev, prec, log)
     timing = timing_summary(runs)
     if body_info is not None:
         timing["pretrain_seconds"] = body_info["seconds"]
@@ -301,10 +340,10 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
                           title=study_title(config, body_info["source_accuracy"] if body_info else None))
     if histories:
         plot_curves(histories, run / "comparison.png",
-                    title=f"{arch}, k={curves_k} labelled images per class, seed {seeds[0]}: "
+                    title=f"{cfg.arch}, k={cfg.curves_k} labelled images per class, seed {cfg.seeds[0]}: "
                           f"{len(tgt.y_valid)} validation images")
     rows = efficiency_rows(accuracy)
-    table = markdown_table(rows, ["labels per class", *modes])
+    table = markdown_table(rows, ["labels per class", *cfg.modes])
     (run / "label_efficiency.md").write_text(
         _study_markdown(config, tgt, table, timing, body_info, env.get("device_name", dev)))
     summary = dict(run_dir=str(run), config=config, accuracy=accuracy, table=rows, timing=timing, load_average=_load(),
@@ -315,30 +354,28 @@ def label_efficiency(ks: Sequence[int] = DEFAULT_KS, seeds: Sequence[int] = (0, 
     return summary
 
 
-def _check_study(ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str], arch: str, epochs: int, bs: int,
-                 lr: float, freeze_epochs: int, lr_mult: float,
-                 curves_k: int | None) -> tuple[list[int], list[int], list[str]]:
-    """The study's ks (sorted) and seeds (in order), without repeats, and its checked modes; else a ValueError."""
-    ks = sorted(dict.fromkeys(int(k) for k in ks))
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
+def _check_study(cfg: StudyConfig) -> StudyConfig:
+    """The study with its ks (sorted) and seeds (in order) without repeats and its modes checked; else a
+    ValueError, before any work."""
+    ks = sorted(dict.fromkeys(int(k) for k in cfg.ks))
+    seeds = list(dict.fromkeys(int(s) for s in cfg.seeds))
     if not ks or not seeds:
         raise ValueError("ks and seeds must each name at least one value")
-    if lr_mult <= 0:
-        raise ValueError(f"lr_mult must be positive, got {lr_mult}")
-    modes = check_plan(modes, STUDY_MODES, "study mode", arch, epochs, bs, lr, freeze_epochs)
-    if curves_k is not None and curves_k not in ks:
-        raise ValueError(f"curves_k={curves_k} must be one of the ks {ks}")
-    return ks, seeds, modes
+    if cfg.lr_mult <= 0:
+        raise ValueError(f"lr_mult must be positive, got {cfg.lr_mult}")
+    modes = check_plan(cfg.modes, "label-efficiency", cfg.arch, cfg.epochs, cfg.bs, cfg.lr, cfg.freeze_epochs)
+    if cfg.curves_k is not None and cfg.curves_k not in ks:
+        raise ValueError(f"curves_k={cfg.curves_k} must be one of the ks {ks}")
+    return replace(cfg, ks=ks, seeds=seeds, modes=modes)
 
 
-def _study_weights(weights: bool | str | Path | None, modes: Sequence[str], src: SourceTask, arch: str, size: int,
-                   n_in: int, pretrain: dict[str, Any], cache_dir: str | Path, retrain: bool, device: str,
-                   precision: str, log: Callable[[str], None]
-                   ) -> tuple[bool | str | Path, dict[str, Any] | None, tuple[float, float]]:
+def _study_weights(cfg: StudyConfig, src: SourceTask, dev: torch.device, prec: str, log: Callable[[str], None]
+                   ) -> tuple[WeightsArg, dict[str, Any] | None, tuple[float, float]]:
     """(weights of the transfer modes, the pretrained body's sidecar or None, the inputs' (mean, std)).
 
     None (or False) pretrains a body on the source task, or takes it from the cache, when a mode transfers; a body
     file of ours brings the normalisation it was trained with; anything else gets the source task's."""
+    weights = cfg.weights
     mean, std = src.mean, src.std
     if isinstance(weights, (str, Path)) and Path(weights).with_suffix(".json").is_file():
         try:  # a body of ours: the target gets the inputs it was trained on
@@ -348,11 +385,10 @@ def _study_weights(weights: bool | str | Path | None, modes: Sequence[str], src:
             pass  # any other sidecar: the source task's normalisation
     if weights is not None and weights is not False:
         return weights, None, (mean, std)
-    if not set(modes) - {"scratch"}:  # nothing transfers: no body to pretrain
+    if not any(training_mode(m).pretrained for m in cfg.modes):  # nothing transfers: no body to pretrain
         return False, None, (mean, std)
-    path, body = pretrained_body(arch, size, n_in, pretrain["epochs"], pretrain["lr"], pretrain["bs"],
-                                 pretrain["seed"], src, cache_dir=cache_dir, retrain=retrain, device=device,
-                                 precision=precision, progress=False, log=log)
+    path, body = pretrained_body(replace(cfg.body(), source=src), cache_dir=cfg.cache_dir, retrain=cfg.retrain,
+                                 device=dev, precision=prec, progress=False, log=log)
     return path, body, (body["normalize"]["mean"][0], body["normalize"]["std"][0])
 
 
@@ -360,26 +396,27 @@ RUN_COLUMNS = ("mode", "k", "seed", "test_accuracy", "test_loss", "n_train", "st
                "trainable_params", "params")
 
 
-def _run_grid(run: Path, tgt: TargetTask, ks: Sequence[int], seeds: Sequence[int], modes: Sequence[str],
-              curves_k: int | None, train: dict[str, Any], log: Callable[[str], None]
+def _run_grid(run: Path, tgt: TargetTask, cfg: StudyConfig, setup: TargetSetup, dev: torch.device, prec: str,
+              log: Callable[[str], None]
               ) -> tuple[dict[str, dict[str, list[float]]], list[dict[str, Any]], dict[str, list[dict[str, float]]]]:
     """Every (k, seed, mode) target run, k then seed then mode; runs.csv and label_efficiency.json written as each
     ends. Returns ({mode: {k: [accuracy per seed]}}, the runs' results, the learning curves at `curves_k`)."""
-    accuracy: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in ks} for m in modes}
+    modes, seeds = cfg.modes, cfg.seeds
+    accuracy: dict[str, dict[str, list[float]]] = {m: {str(k): [] for k in cfg.ks} for m in modes}
     runs: list[dict[str, Any]] = []
     histories: dict[str, list[dict[str, float]]] = {}
     with open(run / "runs.csv", "w", newline="") as f:
         csv.writer(f).writerow(RUN_COLUMNS)
-    for k in ks:
+    for k in cfg.ks:
         for seed in seeds:
             for mode in modes:
-                curves = k == curves_k and seed == seeds[0]
-                learn, r = target_run(tgt, mode, k, seed, **train, progress=False,
+                curves = k == cfg.curves_k and seed == seeds[0]
+                learn, r = target_run(tgt, mode, k, seed, setup, device=dev, precision=prec, progress=False,
                                       csv_path=run / f"curves_{mode}.csv" if curves else None, log=None)
                 if curves:
-                    histories[MODE_LABELS[mode]] = learn.curves.history
+                    histories[mode_label(mode)] = learn.curves.history
                     if mode == modes[-1]:
-                        plot_test_predictions(learn, tgt, train["size"], train["mean"], train["std"], train["n_in"],
+                        plot_test_predictions(learn, tgt, setup.size, setup.mean, setup.std, setup.n_in,
                                               run / "predictions.png",
                                               title=f"{mode}, k={k}: target test predictions (red = wrong)")
                 del learn
@@ -406,14 +443,15 @@ def _study_markdown(config: dict[str, Any], tgt: TargetTask, table: str, timing:
              f"Every mode: {config['epochs']} epochs, batch {config['bs']}, lr {config['lr']:g}, torch AdamW, the "
              f"same inputs (normalised with mean {mean:.4g}, std {std:.4g}); finetune = "
              f"fine_tune(lr_mult={config['lr_mult']:g}); BatchNorm statistics "
-             + ("recalibrated on the training images before testing." if config["recalibrate_bn"]
+             + ("recalibrated on the training images before testing." if config["recalibrate"]
                 else "as training left them."),
              "",
              f"Training seconds per run (median over seeds), device {device_name}, load average "
              f"{config['load_average']} at the start and {_load()} at the end:", "",
              markdown_table(time_rows, ["mode", *[f"k={k}" for k in ks], "total"]), ""]
     if "train_bn_cost" in timing:
-        lines += [f"Frozen body, train_bn=True vs False: {timing['train_bn_cost']:.2f}x the training time.", ""]
+        lines += [f"frozen_bn (the body's BatchNorm trains) vs frozen (it stays frozen): "
+                  f"{timing['train_bn_cost']:.2f}x the training time.", ""]
     if body_info is not None:
         lines += [f"Pretraining: {body_info['seconds']:.1f} s"
                   + (" (cached from an earlier run)" if body_info["cached"] else " (in this run)") + ".", ""]

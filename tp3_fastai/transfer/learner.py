@@ -1,5 +1,6 @@
 """Part II of the practical: a timm model with a fastai head as fastai's vision_learner builds it (`resnet_learner`),
-and the three modes of training it: from scratch, fine-tuned or with a frozen body (`set_mode`, `train_mode`)."""
+trained in one of the modes of train.modes' table (`set_mode`, `train_mode`): from scratch, fine-tuned, or with a
+frozen body whose BatchNorm is frozen too (`frozen`) or trains (`frozen_bn`)."""
 from __future__ import annotations
 
 import time
@@ -10,7 +11,6 @@ import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / 
 import timm
 import torch
 from fastai.callback.core import Callback, CancelEpochException
-from fastai.callback.training import BnFreeze
 from fastai.data.core import DataLoaders
 from fastai.data.transforms import get_c
 from fastai.learner import Learner
@@ -22,11 +22,11 @@ from torch import nn
 from ..core.checks import check_name
 from ..train.learner import count_params, setup_learner
 from ..train.loop import CrossEntropyLossFlat, learner_class
+from ..train.modes import check_modes, set_mode, training_mode  # noqa: F401 (set_mode: part of this module's API)
 from ..train.optimizer import default_opt_func
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
 from .weights import check_normalization
 
-MODES = ("scratch", "finetune", "frozen")
 MAX_IMAGE_SIZE = 4096  # the search for the smallest image a body accepts stops here
 
 
@@ -48,19 +48,15 @@ def _feature_error(features: Callable[[torch.Tensor], torch.Tensor], size: int, 
     return None if out.numel() else f"empty feature map of shape {tuple(out.shape)}"
 
 
-def check_plan(modes: Sequence[str], allowed: Sequence[str], what: str, arch: str, epochs: int, bs: int,
-               lr: float, freeze_epochs: int) -> list[str]:
-    """The modes to run (repeats dropped), each known, with a trainable architecture and a positive schedule in
-    which fine_tune has both phases; raises ValueError before any work otherwise."""
-    modes = list(dict.fromkeys(modes))
-    if not modes:
-        raise ValueError(f"no {what}s given: choose from {', '.join(allowed)}")
-    for m in modes:
-        check_name(m, allowed, what)
+def check_plan(modes: Sequence[str], command: str, arch: str, epochs: int, bs: int, lr: float,
+               freeze_epochs: int) -> list[str]:
+    """The modes to run (repeats dropped), each one of the table's modes for `command`, with a trainable
+    architecture and a positive schedule in which fine_tune has both phases; raises ValueError before any work."""
+    modes = check_modes(modes, command)
     check_arch(arch)
     if epochs <= 0 or bs <= 0 or lr <= 0:
         raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
-    if "finetune" in modes and not 0 < freeze_epochs < epochs:
+    if any(training_mode(m).schedule == "fine_tune" for m in modes) and not 0 < freeze_epochs < epochs:
         raise ValueError(f"finetune needs 0 < freeze_epochs < epochs, got freeze_epochs={freeze_epochs}, "
                          f"epochs={epochs}: raise --epochs")
     return modes
@@ -165,23 +161,6 @@ def trainable_summary(learn: Learner) -> tuple[int, int]:
     return count_params(learn.model)
 
 
-def set_mode(learn: Learner, mode: str, train_bn: bool | None = None) -> Learner:
-    """Prepare the trainable layers for a mode: scratch = everything; finetune and frozen start with only the head
-    (plus BatchNorm when `train_bn`; with train_bn=False BatchNorm statistics are frozen too, via BnFreeze)."""
-    check_name(mode, MODES, "training mode")
-    if train_bn is not None and train_bn != learn.train_bn:
-        learn.train_bn = train_bn
-        learn.opt = None  # BatchNorm's 'force_train' flags are set when the optimizer is created
-    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, BnFreeze)])
-    if mode == "scratch":
-        learn.unfreeze()
-    else:
-        if not learn.train_bn:
-            learn.add_cb(BnFreeze())  # only touches BatchNorm layers whose parameters are frozen
-        learn.freeze()
-    return learn
-
-
 def _phase(learn: Learner, epochs: int, lr: Any) -> dict[str, Any]:
     trainable, total = trainable_summary(learn)
     what = "all layers" if trainable == total else (
@@ -247,22 +226,27 @@ def _tag_phases(learn: Learner, first_row: int, phases: list[dict]) -> None:
         row["phase"] = labels[min(row["epoch"], len(labels)) - 1]
 
 
-def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_epochs: int = 1,
-               train_bn: bool | None = None, start: int = 0, lr_mult: float = 100) -> dict[str, Any]:
-    """Train in one of the practical's modes; `epochs` counts every pass, so all modes get the same budget.
+def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_epochs: int = 1, start: int = 0,
+               lr_mult: float = 100) -> dict[str, Any]:
+    """Train in one of the table's modes (train.modes); `epochs` counts every pass, so all modes get the same budget.
 
-    scratch: `fit_one_cycle(epochs, lr)` on everything. finetune: `fine_tune(epochs - freeze_epochs, lr,
-    freeze_epochs, lr_mult=lr_mult)`: the head alone first, then everything with discriminative rates (body
-    lr/2/lr_mult, head lr/2; fastai's default lr_mult=100 leaves the body almost frozen on a few dozen steps).
-    frozen: `freeze()` then `fit_one_cycle(epochs, lr)`: only the head (and BatchNorm if `train_bn`) learns.
+    scratch, unfrozen: `fit_one_cycle(epochs, lr)` on everything. finetune: `fine_tune(epochs - freeze_epochs, lr,
+    freeze_epochs, lr_mult=lr_mult)`: the head (and the body's BatchNorm) first, then everything with
+    discriminative rates (body lr/2/lr_mult, head lr/2; fastai's default lr_mult=100 leaves the body almost frozen
+    on a few dozen steps). frozen: `freeze()` then `fit_one_cycle(epochs, lr)`: the head alone learns, the body's
+    BatchNorm stays in eval mode with its statistics; frozen_bn: the same with the body's BatchNorm training.
     Every mode trains the weights the learner holds: build a scratch learner with pretrained=False.
     `start`: epochs already done (a resumed run, weights and optimizer loaded): the schedule skips them, in
     whichever of fine_tune's phases they end. Epochs are numbered 1..`epochs` across fine_tune's two fits.
     """
-    check_name(mode, MODES, "training mode")
+    m = training_mode(mode)
+    if m.schedule == "features":
+        raise ValueError(f"mode {m.name!r} trains the head on precomputed features: use "
+                         "transfer.features.train_head_on_features")
+    fine_tune = m.schedule == "fine_tune"
     if epochs <= 0 or lr <= 0:
         raise ValueError(f"epochs and lr must be positive, got epochs={epochs}, lr={lr}")
-    if mode == "finetune" and not 0 < freeze_epochs < epochs:
+    if fine_tune and not 0 < freeze_epochs < epochs:
         raise ValueError(f"finetune needs 0 < freeze_epochs < epochs (head first, then everything), got "
                          f"freeze_epochs={freeze_epochs}, epochs={epochs}")
     if not 0 <= start <= epochs:
@@ -271,11 +255,11 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
         raise ValueError(f"lr_mult must be positive, got {lr_mult}")
     first_row = len(learn.curves.history) if hasattr(learn, "curves") else 0
     loaded = learn.opt.state_dict() if start and learn.opt is not None else None  # before freeze() clears it
-    set_mode(learn, mode, train_bn)
-    shift = PhaseEpochs([freeze_epochs, epochs - freeze_epochs] if mode == "finetune" else [epochs], start, loaded)
+    set_mode(learn, m)
+    shift = PhaseEpochs([freeze_epochs, epochs - freeze_epochs] if fine_tune else [epochs], start, loaded)
     cbs = [shift, shift.restore]
     t0 = time.perf_counter()
-    if mode == "finetune":
+    if fine_tune:
         phases = [_phase(learn, freeze_epochs, lr)]
         learn.fine_tune(epochs - freeze_epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, cbs=cbs)
         phases.append(_phase(learn, epochs - freeze_epochs, f"slice({lr / 2 / lr_mult:.3g}, {lr / 2:.3g})"))
@@ -283,5 +267,5 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
         phases = [_phase(learn, epochs, lr)]
         learn.fit_one_cycle(epochs, lr, cbs=cbs)
     _tag_phases(learn, first_row, phases)
-    return dict(mode=mode, epochs=epochs, phases=phases, seconds=time.perf_counter() - t0, start=start,
+    return dict(mode=m.name, epochs=epochs, phases=phases, seconds=time.perf_counter() - t0, start=start,
                 train_batches=shift.batches)

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -16,14 +17,13 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
 from ..core.device import env_info, pick_device, resolve_precision
-from ..data.images import DEFAULT_CACHE
+from ..core.config import BODY_CACHE, build_config
 from ..train.optimizer import OPTIMIZER_NAME
 from ..core.runs import read_json, write_json
 from ..data.tasks import SourceTask, load_tasks, prepare, tensor_dls
 from .learner import check_arch, resnet_learner
 from .weights import file_sha256
 
-BODY_CACHE = DEFAULT_CACHE / "bodies"
 # Measured here at k=10 labels per class (3-5 seeds, 20 epochs): resnet10t's body reached source accuracy 0.986
 # and fine-tune 0.830 vs scratch 0.685; resnet18's 0.982 and 0.784 vs 0.61, at about twice the time per step.
 DEFAULT_ARCH = "resnet10t"
@@ -31,6 +31,20 @@ RECIPE = 2  # part of every cache key: bump it when the pretraining code changes
 SIDECAR_KEYS = ("format", "arch", "n_in", "size", "input_size", "normalize", "source", "epochs", "lr", "bs",
                 "seed", "optimizer", "schedule", "source_accuracy", "source_loss", "seconds", "device", "precision",
                 "env", "sha256", "config", "key", "params", "created")
+
+
+@dataclass
+class BodyConfig:
+    """What decides a pretrained body (besides the source task's data): the model, its inputs and its training."""
+    arch: str = DEFAULT_ARCH
+    size: int = 32  # input size in pixels
+    n_in: int = 1  # input channels
+    epochs: int = 4
+    lr: float = 5e-3
+    bs: int = 64
+    seed: int = 0
+    source: SourceTask | str | Path = "mnist"  # 'mnist' (digits `source_classes` of the embedded pair), a folder
+    source_classes: Sequence[int] | str = (0, 1, 2, 3, 4)
 
 
 def body_config(source: SourceTask, arch: str = DEFAULT_ARCH, size: int = 32, n_in: int = 1, epochs: int = 4,
@@ -112,36 +126,36 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def pretrain_body(source: SourceTask, path: str | Path, arch: str = DEFAULT_ARCH, size: int = 32, n_in: int = 1,
-                  epochs: int = 4, lr: float = 5e-3, bs: int = 64, seed: int = 0, device: str = "auto",
+def pretrain_body(source: SourceTask, path: str | Path, body: BodyConfig, device: str | torch.device = "auto",
                   precision: str = "auto", progress: bool | None = None,
                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train `arch` (timm, random init) on the source task with `fit_one_cycle` and save its body to `path`
+    """Train `body.arch` (timm, random init) on the source task with `fit_one_cycle` and save its body to `path`
     (safetensors) with a sidecar; returns the sidecar. Source accuracy is measured on the held-out source images."""
-    check_arch(arch)
-    if epochs <= 0 or bs <= 0 or lr <= 0 or size <= 0:
-        raise ValueError(f"epochs, bs, lr and size must be positive, got epochs={epochs}, bs={bs}, lr={lr}, "
-                         f"size={size}")
+    b = body
+    check_arch(b.arch)
+    if b.epochs <= 0 or b.bs <= 0 or b.lr <= 0 or b.size <= 0:
+        raise ValueError(f"epochs, bs, lr and size must be positive, got epochs={b.epochs}, bs={b.bs}, lr={b.lr}, "
+                         f"size={b.size}")
     dev = pick_device(device)
     prec = resolve_precision(precision, dev)
-    config = body_config(source, arch, size, n_in, epochs, lr, bs, seed)
-    set_seed(seed, reproducible=True)
-    dls = tensor_dls(prepare(source.x_train, size, source.mean, source.std, n_in), source.y_train,
-                     prepare(source.x_test, size, source.mean, source.std, n_in), source.y_test,
-                     source.classes, bs, seed, dev)
-    learn = resnet_learner(dls, arch, pretrained=False, n_in=n_in, precision=prec, progress=progress,
-                           log=log, lr=lr, name=f"pretrain {arch}")
+    config = body_config(source, b.arch, b.size, b.n_in, b.epochs, b.lr, b.bs, b.seed)
+    set_seed(b.seed, reproducible=True)
+    dls = tensor_dls(prepare(source.x_train, b.size, source.mean, source.std, b.n_in), source.y_train,
+                     prepare(source.x_test, b.size, source.mean, source.std, b.n_in), source.y_test,
+                     source.classes, b.bs, b.seed, dev)
+    learn = resnet_learner(dls, b.arch, pretrained=False, n_in=b.n_in, precision=prec, progress=progress,
+                           log=log, lr=b.lr, name=f"pretrain {b.arch}")
     start = time.perf_counter()
-    learn.fit_one_cycle(epochs, lr)
+    learn.fit_one_cycle(b.epochs, b.lr)
     seconds = time.perf_counter() - start
     loss, acc = learn.validate()
     state = body_state_dict(learn)
     info = dict(
-        format="tp3_fastai body v1", arch=arch, n_in=n_in, size=size, input_size=[n_in, size, size],
-        normalize=dict(mean=[source.mean] * n_in, std=[source.std] * n_in, scale="pixels / 255"),
+        format="tp3_fastai body v1", arch=b.arch, n_in=b.n_in, size=b.size, input_size=[b.n_in, b.size, b.size],
+        normalize=dict(mean=[source.mean] * b.n_in, std=[source.std] * b.n_in, scale="pixels / 255"),
         source=dict(task=source.description, classes=list(source.classes), n_train=len(source.y_train),
                     n_test=len(source.y_test), data_sha256=config["source_data_sha256"]),
-        epochs=epochs, lr=lr, bs=bs, seed=seed, optimizer=OPTIMIZER_NAME,
+        epochs=b.epochs, lr=b.lr, bs=b.bs, seed=b.seed, optimizer=OPTIMIZER_NAME,
         schedule="fit_one_cycle", source_accuracy=float(acc), source_loss=float(loss), seconds=seconds,
         device=str(dev), precision=prec, env=env_info(dev), config=config, key=body_key(config),
         params=sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var",
@@ -150,20 +164,18 @@ def pretrain_body(source: SourceTask, path: str | Path, arch: str = DEFAULT_ARCH
     return save_body(state, path, info)
 
 
-def pretrained_body(arch: str = DEFAULT_ARCH, size: int = 32, n_in: int = 1, epochs: int = 4, lr: float = 5e-3,
-                    bs: int = 64, seed: int = 0, source: SourceTask | str | Path = "mnist",
-                    source_classes: Sequence[int] | str = (0, 1, 2, 3, 4),
-                    cache_dir: str | Path = BODY_CACHE, retrain: bool = False, device: str = "auto",
-                    precision: str = "auto", progress: bool | None = None,
-                    log: Callable[[str], None] | None = print) -> tuple[Path, dict[str, Any]]:
-    """(path, sidecar) of the body pretrained on `source` with this configuration: from the cache, or trained and
-    cached the first time (or every time with `retrain`). `info['cached']` says which; `info['seconds']` is the
-    pretraining time whenever it ran. `source`: 'mnist' (digits 0-4 of the embedded pair), an image folder, or a
-    SourceTask; `source_classes`: the source digits of 'mnist'."""
-    check_arch(arch)
-    if not isinstance(source, SourceTask):
-        source = load_tasks(source, size=size, source_classes=source_classes)[0]
-    config = body_config(source, arch, size, n_in, epochs, lr, bs, seed)
+def pretrained_body(config: BodyConfig | None = None, *, cache_dir: str | Path = BODY_CACHE, retrain: bool = False,
+                    device: str | torch.device = "auto", precision: str = "auto", progress: bool | None = None,
+                    log: Callable[[str], None] | None = print, **options: Any) -> tuple[Path, dict[str, Any]]:
+    """(path, sidecar) of the body pretrained as `config` says (a BodyConfig, or its fields as keywords in
+    `options`): from the cache, or trained and cached the first time (or every time with `retrain`).
+    `info['cached']` says which; `info['seconds']` is the pretraining time whenever it ran. `source`: 'mnist'
+    (digits `source_classes` of the embedded pair), an image folder, or a SourceTask."""
+    b = build_config(BodyConfig, config, options)
+    check_arch(b.arch)
+    source = b.source if isinstance(b.source, SourceTask) else load_tasks(b.source, size=b.size,
+                                                                             source_classes=b.source_classes)[0]
+    config = body_config(source, b.arch, b.size, b.n_in, b.epochs, b.lr, b.bs, b.seed)
     cache = Path(cache_dir).expanduser()
     path = cache / f"{body_key(config)}.safetensors"
     with _file_lock(path.with_suffix(".lock")):
@@ -179,9 +191,9 @@ def pretrained_body(arch: str = DEFAULT_ARCH, size: int = 32, n_in: int = 1, epo
                         log(f"pretrained body from cache: {path}")
                     return path, dict(info, cached=True, path=str(path))
         if log:
-            log(f"pretraining {arch} on {source.description} ({len(source.y_train)} images, {epochs} epochs); "
+            log(f"pretraining {b.arch} on {source.description} ({len(source.y_train)} images, {b.epochs} epochs); "
                 f"cache: {path}")
-        info = pretrain_body(source, path, arch, size, n_in, epochs, lr, bs, seed, device, precision, progress, log)
+        info = pretrain_body(source, path, b, device, precision, progress, log)
     if log:
         log(f"source accuracy {info['source_accuracy']:.4f} on {info['source']['n_test']} held-out images, "
             f"{info['seconds']:.1f}s")
