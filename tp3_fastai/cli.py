@@ -168,6 +168,7 @@ def finetune(
     resume: str = None,  # run folder of an interrupted run: continue it with its config.json's arguments
     mirror: str = None,  # base address holding the named sources' archives (default: $TP3_MIRROR, else the real ones)
     pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
+    deterministic: bool = False,  # cuDNN's deterministic algorithms (slower on a GPU; recorded in config.json)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .core.device import parse_memory_format
@@ -183,7 +184,8 @@ def finetune(
     run_guarded(checked, data=data, arch=arch, size=size, bs=bs, epochs=epochs, modes=modes, pretrained=pretrained,
                 weights=weights, lr=lr, freeze_epochs=freeze_epochs, train_bn=train_bn, precision=precision,
                 memory_format=memory_format, aug=aug, seed=seed, device=device, out=out, overwrite=overwrite,
-                cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror), pipeline=pipeline)
+                cache_dir=cache_dir, resume=resume, mirror=mirror_or_env(mirror), pipeline=pipeline,
+                deterministic=deterministic)
 
 
 @call_parse

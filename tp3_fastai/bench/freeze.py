@@ -18,7 +18,8 @@ from ..core.checks import check_name
 from ..core.runs import new_run_dir, write_json
 from .loops import BatchLoader, synthetic_batches
 from .modes import (FREEZE_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, MODE_LABELS, bench_overhead,
-                    bench_pipeline, measure_cell, mode_learner)
+                    measure_cell, mode_learner)
+from .pipelines import bench_pipeline
 from .report import cell_label, bench_markdown, plot_bench
 from .timing import driver_version, free_device_memory, load_average, tf32_flags
 

@@ -194,6 +194,7 @@ class FinetunePlan:
     weights_info: dict | None = None
     normalize: dict = field(default_factory=dict)
     resume: Path | None = None
+    deterministic: bool = False  # cuDNN's deterministic algorithms (how it runs, not what: not a resume key)
 
     @property
     def transfers(self) -> bool:
@@ -242,7 +243,7 @@ def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
         image_source(plan.data, cache_dir, mirror, log)
 
     on_rank_zero(fetch, main)
-    set_seed(plan.seed, reproducible=True)
+    set_seed(plan.seed, reproducible=plan.deterministic)
     dls = image_dls(plan.data, size=plan.size, bs=plan.bs // world, seed=plan.seed, aug=plan.aug, device=dev,
                     cache_dir=cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]), pipeline=pipeline)
     if dls.info.n_train < plan.bs:  # fastai drops the last incomplete training batch
@@ -256,7 +257,8 @@ def start_run(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, mirror: str
     """config.json (a new run), show_batch.png and the log's account of the data; returns the config."""
     config = dict(plan.config(), device=str(ctx.dev), precision=ctx.precision,
                   optimizer=OPTIMIZER_NAME, world_size=ctx.world, mirror=mirror,
-                  pipeline=dls.info.pipeline_info.get("asked"), pipeline_ran=dls.info.pipeline, env=env_info(ctx.dev))
+                  pipeline=dls.info.pipeline_info.get("asked"), pipeline_ran=dls.info.pipeline,
+                  deterministic=plan.deterministic, env=env_info(ctx.dev))
     if ctx.world > 1:
         config.update(bs_per_process=plan.bs // ctx.world, backend=backend_for(ctx.dev))
     if plan.resume is None and ctx.main:
@@ -291,7 +293,7 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
     if (ckpt / "result.json").is_file():  # finished before an interruption: kept as it was
         ctx.log(f"{mode}: finished before, kept ({ckpt / 'result.json'})")
         return read_json(ckpt / "result.json"), read_curves(csv_path) if ctx.main else [], None, plan.epochs
-    set_seed(plan.seed, reproducible=True)  # every mode gets the same head init, augmentation draws ...
+    set_seed(plan.seed, reproducible=plan.deterministic)  # every mode gets the same head init, augmentation draws ...
     reseed(dls, plan.seed)  # ... and batch order
     learn = build_learner(ctx, plan, dls, mode, csv_path if ctx.main else None,
                           False if mode == "scratch" else plan.pretrained)
@@ -417,7 +419,8 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
                         out: str | Path = "runs/finetune", overwrite: bool = False,
                         cache_dir: str | Path = DEFAULT_CACHE, progress: bool | None = None,
                         resume: str | Path | None = None, log: Callable[[str], None] = print,
-                        launch: LaunchConfig | None = None, mirror: str | None = None, pipeline: str = "auto") -> dict:
+                        launch: LaunchConfig | None = None, mirror: str | None = None, pipeline: str = "auto",
+                        deterministic: bool = False) -> dict:
     """Train `arch` on `data` in each mode; write config.json, metrics_<mode>.csv, comparison.png, show_batch.png,
     predictions.png, confusion_matrix.png, model.pkl (the best mode), summary.json and summary.md.
 
@@ -441,10 +444,15 @@ def finetune_experiment(data: str | Path = "lfw", arch: str = "resnet50", size: 
     Launched on several processes (`torchrun`, `accelerate launch`) it trains data-parallel like
     mnist.train_mnist: `bs` stays the batch of one optimiser step, `bs // world` images per process; every rank
     draws the same split from `seed`; rank 0 alone downloads, writes the run folder and prints.
+
+    Seeded runs draw the same weights, batches and augmentation; `deterministic` also makes cuDNN use its
+    deterministic (slower) algorithms, recorded in config.json; without it cuDNN chooses freely, as the benchmarks
+    measure it.
     """
     plan = plan_finetune(data, arch, size, bs, epochs, modes, pretrained, lr, freeze_epochs, train_bn, aug, seed,
                          channels_last, resume)
     check_pipeline(pipeline)
+    plan.deterministic = torch.backends.cudnn.deterministic = bool(deterministic)  # for this run only, as asked
     dev, main, world = join_launch(plan.bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
     plan.channels_last = resolve_channels_last(plan.channels_last, dev)  # None: on CUDA
