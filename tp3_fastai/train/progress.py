@@ -28,7 +28,7 @@ class LeanProgress(ProgressCallback):
         return "progress"
 
     def before_train(self) -> None:
-        self.loss = HostValue()
+        self.host_loss = HostValue()
         super().before_train()
 
     def after_batch(self) -> None:
@@ -36,8 +36,8 @@ class LeanProgress(ProgressCallback):
         if not self.training or not hasattr(self.learn, "smooth_loss"):
             return
         if (self.iter + 1) % self.every == 0 or self.iter + 1 == self.n_iter:
-            self.loss.offer(self.learn.smooth_loss)
-        value = self.loss.poll()
+            self.host_loss.offer(self.learn.smooth_loss)
+        value = self.host_loss.poll()
         if value is not None:
             if not self.shown or self.shown[-1][1] != value:
                 self.shown.append((self.iter + 1, value))
