@@ -248,9 +248,11 @@ def test_the_crop_folds_fastais_affine_augmentation_into_its_resample(jpegs):
         torch.default_generator.set_state(state)  # fastai draws from torch's default generator: the same numbers
         two_step = affine(TensorImage(crop_resize(stored, boxes, SIZE)), split_idx=0).as_subclass(torch.Tensor)
         d = (folded - two_step).abs() / 255
-        assert d.mean() < 0.02 and d.quantile(0.99) < 0.12, (kwargs, d.mean(), d.quantile(0.99))
+        # measured: mean 0.0031-0.0035, 99th percentile 0.027-0.029 of the pixel range (clamping instead of
+        # reflecting: 0.014 and 0.28 in the last configuration)
+        assert d.mean() < 0.006 and d.quantile(0.99) < 0.05, (kwargs, d.mean(), d.quantile(0.99))
         plain = crop_resize(stored, boxes, SIZE)
-        assert ((folded - plain).abs() / 255).mean() > 2 * d.mean()  # far closer to fastai's than to no warp
+        assert ((folded - plain).abs() / 255).mean() > 10 * d.mean()  # far closer to fastai's than to no warp
 
 
 def test_the_resize_to_the_stored_size_is_one_call_per_shape(monkeypatch):

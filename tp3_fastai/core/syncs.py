@@ -132,6 +132,17 @@ def side_stream(device: torch.device) -> Any:
     return torch.cuda.Stream(device=device) if device.type == "cuda" else None
 
 
+def current_stream(device: torch.device) -> Any:
+    """`device`'s current CUDA stream in this thread (None on a CPU)."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+def wait_for(stream: Any, other: Any) -> None:
+    """Make `stream` wait, on the GPU, for the work queued on `other` so far (nothing on a CPU)."""
+    if stream is not None and other is not None:
+        stream.wait_stream(other)
+
+
 def on_stream(stream: Any) -> ContextManager:
     """Queue the work of this block on `stream` (nothing on a CPU)."""
     return torch.cuda.stream(stream) if stream is not None else nullcontext()

@@ -80,8 +80,8 @@ class Augment:
             parts.append("affine " + "+".join(kinds))
         if self.lighting:
             parts.append("lighting " + "+".join(k for k, _, _ in self.lighting.steps))
-        kept = [type(t).__name__ for t in self.kept]
-        return (", ".join(parts) or "none") + (f"; fastai's own (with its host reads): {', '.join(kept)}" if kept else "")
+        kept = ", ".join(type(t).__name__ for t in self.kept)
+        return (", ".join(parts) or "none") + (f"; fastai's own (with its host reads): {kept}" if kept else "")
 
 
 def _plain_partial(f: Any) -> tuple[str, dict] | None:

@@ -73,15 +73,16 @@ def crop_resize(stored: torch.Tensor, boxes: torch.Tensor, size: int | tuple[int
     if homography is not None:
         # fastai samples the th x tw crop at c (align_corners=True); its pixel j is our box coordinate
         # u = (2j + 1) / n - 1, so u = c (n - 1) / n: one map from output pixels into the stored image
-        grid = warp_grid(homography, (th, tw), perspective)
         k = torch.tensor([(tw - 1) / tw, (th - 1) / th], device=dev)
         centre = torch.cat([x0 + x1 - 1, y0 + y1 - 1], 1)[:, None, None, :]
         half = (torch.cat([x1 - x0, y1 - y0], 1) * k)[:, None, None, :]
         if pad_mode == "reflection":  # reflect(c) = 1 - t with t = ||c + 1| mod 4 - 2|: fold "1 -" into the map
-            t = grid.add_(1).abs_().remainder_(4).sub_(2).abs_()
+            shifted = homography.clone()
+            shifted[:, :2] += homography[:, 2:]  # its grid is c + 1: (x + den) / den
+            t = warp_grid(shifted, (th, tw), perspective).abs_().remainder_(4).sub_(2).abs_()
             grid = torch.addcmul(centre + half, t, half, value=-1)
         else:
-            grid = torch.addcmul(centre, grid.clamp_(-1, 1), half)
+            grid = torch.addcmul(centre, warp_grid(homography, (th, tw), perspective).clamp_(-1, 1), half)
         return F.grid_sample(stored.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     # output pixel centres in [-1, 1] (align_corners=False), mapped into each box; the map is axis-aligned, so
     # the grid is built from one row and one column per image (cheaper than affine_grid's matrix product)

@@ -130,11 +130,23 @@ class ImageFolderDL(TfmdDL):
         loader = getattr(self, "_workers_loader", None)
         if loader is None:
             self._epoch = _EpochBatches()
+            # on CUDA torch's pin-memory thread stages each batch as it arrives (ImageBatch.pin_memory)
+            pin = self.pin_memory or getattr(self.device, "type", "cpu") == "cuda"
             loader = self._workers_loader = torch.utils.data.DataLoader(
                 _Batches(self), batch_size=None, sampler=self._epoch, num_workers=self.fake_l.num_workers,
-                collate_fn=_keep, pin_memory=self.pin_memory, timeout=self.timeout, worker_init_fn=_one_thread,
+                collate_fn=_keep, pin_memory=pin, timeout=self.timeout, worker_init_fn=_one_thread,
                 persistent_workers=True)
         return loader
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        """fastai's `new` (test_dl, a loader of n batches), keeping persistent workers and `prefetch` (fastai's
+        drops the first: a loader made this way would start workers at every epoch and copy from pageable
+        memory)."""
+        kwargs.setdefault("persistent_workers", self.fake_l.persistent_workers)
+        res = super().new(dataset, cls, **kwargs)
+        if "prefetch" in self.__dict__:
+            res.prefetch = self.prefetch
+        return res
 
     def _slot_table(self) -> torch.Tensor | None:
         """Each item's slot in the decoded cache of this loader's DecodeCropResize, on the cache's device (None

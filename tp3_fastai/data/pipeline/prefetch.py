@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ...core.syncs import hand_over, on_stream, ready_event, side_stream, thread_modes
+from ...core.syncs import current_stream, hand_over, on_stream, ready_event, side_stream, thread_modes, wait_for
 
 THREAD_NAME = "tp3-prefetch"
 _END = object()
@@ -39,7 +39,7 @@ def prefetched(make: Callable[[], Iterator], depth: int, device: torch.device | 
         yield from make()
         return
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    stream = side_stream(dev)
+    stream, consumer = side_stream(dev), current_stream(dev)
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -54,6 +54,7 @@ def prefetched(make: Callable[[], Iterator], depth: int, device: torch.device | 
 
     def run() -> None:
         try:
+            wait_for(stream, consumer)  # what the consumer queued before (a cache being filled) comes first
             with on_stream(stream):
                 source = make()
                 while not stop.is_set():
