@@ -4,16 +4,18 @@
 #
 # The GPU checks in one command of at most 9 minutes on a bare GPU machine, most valuable first, each stage under its
 # own time limit (seconds in brackets; "rest" takes what remains of the 9 minutes, and stops there):
-#   install    fastai and its needs from .whl/ into /tmp/site when fastai cannot be imported                [60]
-#   device     the GPU is there (name, CUDA version)                                                        [45]
+#   install    fastai and its needs from .whl/ into /tmp/site when fastai cannot be imported                [45]
+#   device     the GPU is there (name, CUDA version)                                                        [30]
 #   pipeline   real JPEGs through each input pipeline (pil, device, cached): loader alone, package Learner
 #              unfrozen and frozen (train_bn=False), ResNet50 224 px batch 128 AMP channels_last, against the
-#              synthetic baseline of the same run; host reads and blocking copies per step                   [210]
-#   syncdebug  one training epoch per pipeline under torch.cuda.set_sync_debug_mode("error")                 [90]
-#   tests      the pipeline tests on the GPU (--device cuda: nvJPEG and the decoded cache on the device)     [120]
+#              synthetic baseline of the same run; host reads and blocking copies per step                   [200]
+#   syncdebug  one training epoch per pipeline under torch.cuda.set_sync_debug_mode("error")                 [75]
+#   tests      the pipeline tests on the GPU (--device cuda: nvJPEG and the decoded cache on the device)     [90]
+#   bench      the package's defaults (bf16 channels_last) per training mode against fp32, and the package's
+#              loop against the plain one (scripts/bench_freeze.py, its pipeline section left to `pipeline`) [75]
 #   rest       the rest of the suite on the GPU (no notebooks: there is no Jupyter kernel)                   [rest]
-# Results, in RESULTS_DIR itself (7 files): summary.md (stages, exit codes, seconds, the goals' figures),
-# pipeline.md, pipeline.json, syncdebug.txt, tests.txt, rest.txt, log.txt (everything printed).
+# Results, in RESULTS_DIR itself (8 files): summary.md (stages, exit codes, seconds, the goals' figures),
+# pipeline.md, pipeline.json, syncdebug.txt, tests.txt, bench.md, rest.txt, log.txt (everything printed).
 # --dry-run: the same stages and files on the CPU at tiny sizes, installing nothing (the suite runs it).
 set -uo pipefail
 DRY=0
@@ -27,7 +29,7 @@ RES=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 BUDGET=520  # seconds for the stages: 9 minutes less the 10 s a stage may take to stop and the summary
-T_INSTALL=60 T_DEVICE=45 T_PIPELINE=210 T_SYNC=90 T_TESTS=120
+T_INSTALL=45 T_DEVICE=30 T_PIPELINE=200 T_SYNC=75 T_TESTS=90 T_BENCH=75
 START=$SECONDS
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
@@ -37,10 +39,14 @@ SUMMARY=$RES/summary.md
 if [ $DRY = 1 ]; then
   MODE="dry run (CPU, tiny sizes)"; DEVICE=cpu; FLAG=(--dry-run); CACHE=$(mktemp -d)
   TESTS=(tests/test_pipeline.py -k counter_sees)
+  BENCH=(--quick --size 32 --bs 4 --steps 1 --repeats 2 --warmup 1 --modes frozen --overhead-modes frozen
+         --threads 1 --precisions fp32 --formats contiguous)
   REST=(tests/test_layout.py)
 else
   MODE="GPU"; DEVICE=cuda; FLAG=(); CACHE=/tmp/tp3_gpu_check_cache
   TESTS=(tests/test_pipeline.py)
+  BENCH=(--modes unfrozen,frozen_train_bn,frozen,precomputed --precisions bf16 --formats channels_last --repeats 3
+         --overhead-modes unfrozen,frozen)
   REST=(tests --ignore=tests/test_pipeline.py --ignore=tests/test_notebooks.py --ignore=tests/test_gpu_check.py)
 fi
 {
@@ -109,8 +115,11 @@ stage pipeline "$T_PIPELINE" - python3 scripts/pipeline_check.py pipeline "$RES/
 stage syncdebug "$T_SYNC" - python3 scripts/pipeline_check.py syncdebug "$RES/syncdebug.txt" "${FLAG[@]}" \
   --cache-dir "$CACHE"
 stage tests "$T_TESTS" "$RES/tests.txt" python3 -m pytest -q -ra -p no:cacheprovider --device "$DEVICE" "${TESTS[@]}"
+stage bench "$T_BENCH" - python3 scripts/bench_freeze.py --device "$DEVICE" "${BENCH[@]}" --cudnn-benchmark off \
+  --no-pipeline --out "$CACHE/bench" --overwrite --cache-dir "$CACHE"
+cp "$CACHE/bench/bench.md" "$RES/bench.md" 2>/dev/null
 stage rest "$BUDGET" "$RES/rest.txt" python3 -m pytest -q -ra -p no:cacheprovider --device "$DEVICE" "${REST[@]}"
-for f in pipeline.md pipeline.json syncdebug.txt tests.txt rest.txt; do
+for f in pipeline.md pipeline.json syncdebug.txt tests.txt bench.md rest.txt; do
   [ -e "$RES/$f" ] || echo "(stage did not write this file: see log.txt)" > "$RES/$f"
 done
 {

@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-FILES = {"summary.md", "pipeline.md", "pipeline.json", "syncdebug.txt", "tests.txt", "rest.txt", "log.txt"}
+FILES = {"summary.md", "pipeline.md", "pipeline.json", "syncdebug.txt", "tests.txt", "bench.md", "rest.txt",
+         "log.txt"}
 
 
 def _env() -> dict:
@@ -28,7 +29,7 @@ def test_the_dry_run_runs_every_stage_and_writes_what_the_gpu_run_writes(tmp_pat
     assert {str(f) for f in files} == FILES and len(files) <= 8 and all(len(f.parts) <= 2 for f in files)
     assert not [d for d in res.rglob("*") if d.is_dir()]
     summary = (res / "summary.md").read_text()
-    for stage in ("pipeline", "syncdebug", "tests", "rest"):
+    for stage in ("pipeline", "syncdebug", "tests", "bench", "rest"):
         assert re.search(rf"^\| {stage} \| 0 \| \d+ \| \d+ \|$", summary, re.M), stage
     result = json.loads((res / "pipeline.json").read_text())
     assert [r["pipeline"] for r in result["loaders"]] == ["pil", "device", "cached"]
@@ -39,6 +40,7 @@ def test_the_dry_run_runs_every_stage_and_writes_what_the_gpu_run_writes(tmp_pat
     sync = (res / "syncdebug.txt").read_text()
     assert sync.count("host reads 0, blocking copies 0") == 3 and "OK: no host wait" in sync
     assert "passed" in (res / "tests.txt").read_text() and "passed" in (res / "rest.txt").read_text()
+    assert "| unfrozen (baseline) | fp32 | contiguous |" in (res / "bench.md").read_text()
     assert "== pipeline" in (res / "log.txt").read_text()
 
 
@@ -60,7 +62,7 @@ def test_the_gpu_run_fits_the_machine_it_gets():
     assert budget + 10 <= 9 * 60 and sum(int(v) for v in limits.values()) <= budget
     assert 'if [ "$limit" -gt "$left" ]; then limit=$left; fi' in text  # no stage runs past the budget
     runs = re.findall(r"^\s*stage (\w+) ", text, re.M)
-    assert runs == ["install", "device", "pipeline", "syncdebug", "tests", "rest"]
+    assert runs == ["install", "device", "pipeline", "syncdebug", "tests", "bench", "rest"]
     assert 'timeout --signal=INT --kill-after=10 "$limit"' in text and "--ignore=tests/test_notebooks.py" in text
     assert "pip install -q --no-index --no-deps" in text and ".whl/*.whl" in text and "--target /tmp/site" in text
     gpu = CheckConfig()

@@ -5,6 +5,7 @@ the CPU at tiny sizes (the suite runs them through the script's --dry-run)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ class CheckConfig:
     pipelines: tuple[str, ...] = ("pil", "device", "cached")
     loops: tuple[str, ...] = ("package",)
     jpeg_images: int = 2560
-    sync_images: int = 1024
+    sync_images: int = 2560
     seed: int = 42
     lr: float = 1e-3
     cache_dir: str = "~/.cache/tp3_fastai"
@@ -51,8 +52,10 @@ def _dls(cfg: CheckConfig, n_images: int, dev: torch.device) -> dict[str, Any]:
     from ..data.images import image_dls
 
     folder = jpeg_folder(cfg.cache_dir, n_images, px=round(cfg.size * 1.75))
+    # fastai's PIL pipeline at its best: a worker per core on a GPU machine (the others take their defaults)
+    workers = {"pil": os.cpu_count()} if dev.type == "cuda" else {}
     return {p: image_dls(folder, size=cfg.size, bs=cfg.bs, seed=cfg.seed, device=dev, cache_dir=cfg.cache_dir,
-                         pipeline=p) for p in cfg.pipelines}
+                         pipeline=p, num_workers=workers.get(p)) for p in cfg.pipelines}
 
 
 def pipeline_check(cfg: CheckConfig, out: str | Path, log: Callable[[str], None] | None = print) -> dict[str, Any]:
