@@ -137,6 +137,25 @@ def test_augmentation_settings_in_the_device_pipeline(aug, names, steps, crop, j
     assert torch.equal(a, b) == (aug == "none")
 
 
+def test_what_cannot_run_without_host_reads_stays_fastais_and_says_so(jpegs):
+    """An option the package does not fold (zero padding) keeps fastai's own affine transform, named in the
+    pipeline's facts; its draws come from torch's global generator, so no batch is prepared ahead (the draws of a
+    seeded run would otherwise depend on the threads' timing); its host reads show in the counter."""
+    from tp3_fastai.bench import LearnerLoop, mode_learner, pipeline_syncs
+
+    zeros = image_data.Augmentation("zeros", batch={"pad_mode": "zeros"})
+    d = folder_dls(jpegs, size=SIZE, bs=4, pipeline="device", aug=zeros, verify=False)
+    assert [type(t).__name__ for t in d.after_batch.fs] == [
+        "DecodeCropResize", "IntToFloatTensor", "Flip", "Lighting", "Normalize"]
+    assert find_decoder(d).affine is None and d.train.prefetch_depth == 0
+    assert d.info.pipeline_info["augmentation"] == ("lighting brightness+contrast; fastai's own (with its host "
+                                                    "reads): Flip")
+    assert folder_dls(jpegs, size=SIZE, bs=4, pipeline="device", verify=False).train.prefetch_depth == 1
+    cpu = torch.device("cpu")
+    syncs = pipeline_syncs(LearnerLoop(mode_learner(d, "test_resnet", "frozen", 0, "fp32"), cpu), d.train, cpu)
+    assert syncs["reads_per_step"] == 2  # fastai's _grid_sample and apply_perspective
+
+
 def _fastai_boxes(w: int, h: int, n: int, min_scale: float) -> np.ndarray:
     """n crop boxes (area fraction, log aspect, centre x, centre y) drawn by fastai's RandomResizedCrop."""
     random.seed(0)
@@ -387,14 +406,15 @@ def test_a_folder_mixing_jpeg_png_16bit_palette_and_rgba_trains(pipeline, tmp_pa
     assert len(learn.curves.history) == 1 and np.isfinite(learn.curves.history[0]["train_loss"])
 
 
-def test_a_budget_smaller_than_the_data_streams_the_rest(jpegs, dls):
+def test_a_budget_smaller_than_the_data_streams_the_rest(jpegs, dls, dev):
     s = stored_size(SIZE)
-    part = folder_dls(jpegs, size=SIZE, bs=8, pipeline="cached", cache_budget=5 * image_bytes(s), verify=False)
+    part = folder_dls(jpegs, size=SIZE, bs=8, pipeline="cached", cache_budget=5 * image_bytes(s), verify=False,
+                      device=dev)
     info = part.info.pipeline_info
     assert (info["cached"], info["streamed"]) == (5, 35)
     assert torch.equal(_valid(part)[0], _valid(dls["device"])[0])
     assert sum(len(x) for x, _ in part.train) == 32  # an epoch streams the rest without error
-    none = folder_dls(jpegs, size=SIZE, bs=8, pipeline="cached", cache_budget=0, verify=False)
+    none = folder_dls(jpegs, size=SIZE, bs=8, pipeline="cached", cache_budget=0, verify=False, device=dev)
     assert none.info.pipeline_info["cached"] == 0 and torch.equal(_valid(none)[0], _valid(dls["device"])[0])
     auto = folder_dls(jpegs, size=SIZE, bs=8, pipeline="auto", cache_budget=39 * image_bytes(s), verify=False)
     assert auto.info.pipeline == "device" and "over the cpu budget" in auto.info.pipeline_info["reason"]

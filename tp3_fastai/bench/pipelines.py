@@ -33,10 +33,7 @@ def workers_of(dl) -> int:
 
 def prefetch_of(dl) -> int:
     """Batches a DataLoader prepares ahead on its background thread (tp3_fastai.data.pipeline.ImageFolderDL)."""
-    depth = getattr(dl, "prefetch", None)
-    if depth is None:
-        return 2 if getattr(getattr(dl, "device", None), "type", "cpu") == "cuda" else 1
-    return int(depth)
+    return int(getattr(dl, "prefetch_depth", 0))
 
 
 def warmup_batches(dl, warmup: int) -> int:

@@ -148,7 +148,7 @@ def device_dls(files: Sequence[Path], valid_idx: Sequence[int], labeller: Callab
                              dl_type=ImageFolderDL, create_batch=collate_images, persistent_workers=workers > 0)
     facts.update(workers=workers, persistent_workers=workers > 0, flip_in_crop=decoder.flip,
                  augmentation=aug.describe(), jpeg_share=round(jpegs, 3),
-                 prefetch=dls.train.prefetch if dls.train.prefetch is not None else (2 if device.type == "cuda" else 1))
+                 prefetch=dls.train.prefetch_depth)
     return dls, facts
 
 

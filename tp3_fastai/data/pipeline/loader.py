@@ -15,7 +15,9 @@ from fastai.data.core import Datasets, TfmdDL
 from fastai.data.transforms import ToTensor
 
 from ...core.syncs import stage, to_device
-from .augment import reseed_transforms
+from fastai.vision.augment import RandTransform
+
+from .augment import Seeded, reseed_transforms
 from .files import EncodedImage, ImageBatch
 from .prefetch import prefetched
 from .transforms import DecodeCropResize, ReadImage
@@ -78,7 +80,7 @@ class ImageFolderDL(TfmdDL):
       main process as fastai draws it, and sent to workers that live as long as the loader;
     - every batch sent to the device from staged memory without blocking (`send`), with the cache's slots of a
       device pipeline's batch looked up on the device from the images' positions;
-    - `prefetch` batches prepared ahead on a background thread (None: 2 on CUDA, 1 on a CPU; 0: none), the
+    - `prefetch` batches prepared ahead on a background thread (None: see `prefetch_depth`; 0: none), the
       package's random transforms reseeded from Python's `random` as each epoch starts (in this thread), so that a
       seeded run gives the same batches whatever the threads' timing.
     """
@@ -148,6 +150,17 @@ class ImageFolderDL(TfmdDL):
             res.prefetch = self.prefetch
         return res
 
+    @property
+    def prefetch_depth(self) -> int:
+        """Batches prepared ahead: `prefetch`, or by default 2 on CUDA and 1 on a CPU; none (0) when a batch
+        transform draws from torch's global generator (a fastai transform kept as it is), whose draws on another
+        thread would interleave with the training step's (dropout) and change from run to run."""
+        if self.prefetch is not None:
+            return int(self.prefetch)
+        if any(isinstance(t, RandTransform) and not isinstance(t, Seeded) for t in self.after_batch.fs):
+            return 0
+        return 2 if getattr(self.device, "type", "cpu") == "cuda" else 1
+
     def _slot_table(self) -> torch.Tensor | None:
         """Each item's slot in the decoded cache of this loader's DecodeCropResize, on the cache's device (None
         without a cache or on fastai's per-item path)."""
@@ -191,8 +204,11 @@ class ImageFolderDL(TfmdDL):
         self.before_iter()
         reseed_transforms(self.after_batch.fs, random.getrandbits(62))
         idxs = list(self.get_idxs())  # fastai's order for this epoch, drawn here as fastai draws it
-        depth = self.prefetch if self.prefetch is not None else (2 if getattr(self.device, "type", "cpu") == "cuda"
-                                                                 else 1)
+        if not (self.fake_l.num_workers > 0 and self.fake_l.persistent_workers):
+            # torch's single-process iterator, which fastai's path goes through, draws a base seed from torch's
+            # generator each epoch: drawn here too, so that seeded runs keep their random streams (dropout, ...)
+            torch.empty((), dtype=torch.int64).random_()
+        depth = self.prefetch_depth
 
         def ready() -> Iterator:
             for b in self._batches(idxs):
