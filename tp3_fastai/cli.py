@@ -180,6 +180,7 @@ def finetune(
     pipeline: str = "auto",  # input pipeline: auto, pil, device (decode + crop on the device) or cached (decoded once)
     train_bn: Annotated[bool, GONE] = False,  # gone: refused with what replaced it
     no_train_bn: Annotated[bool, GONE] = False,  # gone: refused with what replaced it
+    deterministic: bool = False,  # cuDNN's deterministic algorithms (slower on a GPU; recorded in config.json)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .core.device import parse_memory_format
@@ -194,7 +195,8 @@ def finetune(
                                 pretrained=weights or pretrained, lr=lr, freeze_epochs=freeze_epochs, aug=aug,
                                 seed=seed, channels_last=parse_memory_format(memory_format), precision=precision,
                                 device=device, out=out, overwrite=overwrite, cache_dir=cache_dir, resume=resume,
-                                mirror=mirror_or_env(mirror), pipeline=pipeline)
+                                mirror=mirror_or_env(mirror), pipeline=pipeline,
+                                deterministic=deterministic)
         return finetune_experiment(config)
 
     # Ctrl-C: finetune_experiment has said where the checkpoints are and how to resume; run_guarded exits 130

@@ -3,10 +3,10 @@ PyTorch loop; what each training mode of train.modes' table (unfrozen, frozen_bn
 costs with each speed lever.
 
 Modules: ``timing`` (timings, spread and device helpers), ``loops`` (loaders, the plain and fastai training loops,
-host-read counting; the lean loop is ``tp3_fastai.train.loop``), ``mnist`` (the MNIST loop benchmark), ``modes``
-(training modes x speed levers: building and measuring each mode, loop overhead, input pipeline), ``freeze`` (the
-whole training-modes benchmark, its configuration and its run folder) and ``report`` (its Markdown report and
-chart).
+counting host reads and blocking copies; the lean loop is ``tp3_fastai.train.loop``), ``mnist`` (the MNIST loop
+benchmark), ``modes`` (training modes x speed levers: building and measuring each mode, loop overhead),
+``pipelines`` (the input pipelines against synthetic batches, host waits per step, the sync-debug epoch),
+``freeze`` (the whole training-modes benchmark and its run folder) and ``report`` (its Markdown report and chart).
 """
 from .freeze import (CPU_MEMORY_NOTE, PRESETS, BenchConfig, bench_training_modes, jpeg_folder, plan_bench,
                      resolve_config)
@@ -14,8 +14,10 @@ from .loops import (BatchLoader, DeviceSmoothLoss, FastLearner, GroupTimer, Host
                     LeanRecorder, LearnerLoop, PlainLoop, PlainTensors, QuietMixedPrecision, StreamLoader,
                     cycle_loader, host_reads_per_step, synthetic_batches)
 from .mnist import bench_mnist_loop, plain_epoch
-from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, LOOPS, MEMORY_FORMATS, Levers, bench_loaders,
-                    bench_overhead, bench_pipeline, lever_skip_reason, measure_cell, mode_learner, trainable_names)
+from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, LOOPS, MEMORY_FORMATS, Levers, bench_overhead,
+                    lever_skip_reason, measure_cell, mode_learner, trainable_names)
+from .pipelines import (PIPELINE_LOOPS, SyncDebug, bench_pipeline, pipeline_syncs, sync_debug_epoch,
+                        warmup_batches)
 from .report import bench_markdown, plot_bench
 from .timing import (StepPlan, driver_version, free_device_memory, load_average, peak_memory_mb, reset_peak_memory,
                      set_cudnn_benchmark, spread, tf32_flags, timed)
@@ -32,8 +34,9 @@ __all__ = [
     "plain_epoch", "bench_mnist_loop",
     # modes
     "BENCH_MODES", "Levers", "LEVER_PRECISIONS", "MEMORY_FORMATS", "LOOPS", "LOOP_LABELS",
-    "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead", "bench_loaders",
-    "bench_pipeline",
+    "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead",
+    # pipelines
+    "PIPELINE_LOOPS", "bench_pipeline", "pipeline_syncs", "sync_debug_epoch", "SyncDebug", "warmup_batches",
     # freeze
     "CPU_MEMORY_NOTE", "PRESETS", "BenchConfig", "jpeg_folder", "resolve_config", "plan_bench",
     "bench_training_modes",

@@ -61,8 +61,9 @@ def _cells(result: Mapping[str, Any]) -> dict[tuple, dict[str, Any]]:
         cells[key] = dict(section="fastai vs plain loop", cell=_label(r["mode"], r["loop"], r["precision"]),
                           status="ok", images_per_s=r["images_per_s"])
     for r in (result.get("pipeline") or {}).get("rows", []):
-        key = ("pipeline", r["mode"], r["loop"], r["data"], r["precision"])
-        cells[key] = dict(section="input pipeline", cell=_label(r["mode"], r["loop"], r["data"], r["precision"]),
+        key = ("pipeline", r.get("pipeline"), r["mode"], r["loop"], r["data"], r["precision"])
+        cells[key] = dict(section="input pipeline", cell=_label(r.get("pipeline"), r["mode"], r["loop"], r["data"],
+                                                                r["precision"]),
                           status="ok", images_per_s=r["images_per_s"])
     return cells
 

@@ -21,7 +21,8 @@ from ..core.runs import new_run_dir, write_json
 from ..train.modes import check_modes, mode_label, modes_for
 from .loops import BatchLoader, synthetic_batches
 from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, Levers, bench_overhead,
-                    bench_pipeline, measure_cell, mode_learner)
+                    measure_cell, mode_learner)
+from .pipelines import bench_pipeline
 from .report import cell_label, bench_markdown, plot_bench
 from .timing import StepPlan, driver_version, free_device_memory, load_average, tf32_flags
 

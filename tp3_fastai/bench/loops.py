@@ -1,11 +1,12 @@
 """Loaders and training loops the benchmarks time: fixed or streamed batches, the plain PyTorch loop, the package's
 fastai Learner timed the same way (its lean loop: tp3_fastai.train.loop, built into the package's Learner;
-`stock=True` at construction gives fastai's own Learner and stock loop for comparison) and a counter of host reads
-per step."""
+`stock=True` at construction gives fastai's own Learner and stock loop for comparison) and a counter of host waits
+(reads and blocking copies) per step."""
 from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -16,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..core.device import autocast, synchronize
+from ..core.syncs import CopyLedger, follow_threads, is_staged
 from ..train.loop import (DeviceSmoothLoss, HostLosses, LeanRecorder, PlainTensors,  # noqa: F401
                           QuietMixedPrecision)
 from ..train.loop import Learner as PackageLearner
@@ -189,35 +191,81 @@ class LearnerLoop:
 FastLearner = PackageLearner  # the package's Learner class: events only to the callbacks that handle them
 
 
+class _InThread:
+    """Enters a HostReadCounter's mode alone in another thread (the counter's own `__enter__` also opens its copy
+    ledger and registers itself: once, in the thread that opened it)."""
+
+    def __init__(self, mode: TorchFunctionMode):
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        TorchFunctionMode.__enter__(self.mode)
+
+    def __exit__(self, *exc) -> None:
+        TorchFunctionMode.__exit__(self.mode, *exc)
+
+
 class HostReadCounter(TorchFunctionMode):
-    """Counts tensor reads back to the host (item, cpu, tolist, numpy, float, int, bool): on CUDA each read of a
-    device tensor waits for the GPU. On a CUDA run only reads of device tensors count (exact). On a CPU run every
-    tensor is a CPU tensor, so reads count unless they come from code whose tensors stay on the CPU on every
-    device (torch.optim's step counters, fastai's schedule positions, GradScaler's bookkeeping): a CPU run then
-    shows where a GPU run would synchronise."""
+    """Counts, while open, what makes the host wait for the GPU: tensor reads back to the host (item, cpu, tolist,
+    numpy, float, int, bool) and host-to-device copies that would block (core.syncs: a batch copied from memory that
+    is not staged). Reads are counted in this thread and in every thread that prepares batches
+    (core.syncs.follow_threads), copies in every thread.
+
+    On a CUDA run only reads of device tensors count (exact). On a CPU run every tensor is a CPU tensor, so reads
+    count unless they come from code whose tensors stay on the CPU on every device (torch.optim's step counters,
+    fastai's schedule positions, GradScaler's bookkeeping, core.syncs' reads of host copies) or read a staged host
+    buffer: a CPU run then shows where a GPU run would synchronise. Copies are counted as a CUDA run makes them on
+    every device (see core.syncs.to_device)."""
     NAMES = ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__")
-    CPU_RESIDENT = ("torch.optim", "fastai.callback.schedule", "torch.amp")
+    CPU_RESIDENT = ("torch.optim", "fastai.callback.schedule", "torch.amp", "tp3_fastai.core.syncs")
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.on_cpu = torch.device(device).type == "cpu"
         self.counts: dict[str, int] = {}
+        self.where: dict[str, int] = {}  # reads by calling module and function, to find them
+        self.copies = CopyLedger()
+        self._lock = threading.Lock()
+        self._follow = None
+
+    def __enter__(self) -> "HostReadCounter":
+        super().__enter__()
+        self.copies.__enter__()
+        self._follow = follow_threads(_InThread(self))
+        self._follow.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._follow.__exit__(*exc)
+        self.copies.__exit__(*exc)
+        super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
         if name in self.NAMES and args and isinstance(args[0], torch.Tensor):
-            if args[0].device.type != "cpu":
+            t = args[0]
+            frame = sys._getframe(1)
+            caller = frame.f_globals.get("__name__", "")
+            if t.device.type != "cpu":
                 counted = True
             else:
-                caller = sys._getframe(1).f_globals.get("__name__", "")
-                counted = self.on_cpu and not caller.startswith(self.CPU_RESIDENT)
+                counted = self.on_cpu and not caller.startswith(self.CPU_RESIDENT) and not is_staged(t)
             if counted:
-                self.counts[name] = self.counts.get(name, 0) + 1
+                with self._lock:
+                    self.counts[name] = self.counts.get(name, 0) + 1
+                    key = f"{caller}.{frame.f_code.co_name}"
+                    self.where[key] = self.where.get(key, 0) + 1
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
+        """Host reads counted."""
         return sum(self.counts.values())
+
+    @property
+    def blocking_copies(self) -> int:
+        """Host-to-device copies that would block on CUDA."""
+        return self.copies.blocking
 
 
 def host_reads_per_step(loop, make_loader: Callable[[int], Any]) -> float:

@@ -1,14 +1,13 @@
-"""Training modes x speed levers: what frozen and full fine-tuning cost (issue "bench_freeze"). The levers (the
-modes are train.modes' table: those that apply to `tp3 bench`), the same model built for every mode, and the
-measurements: one mode with one set of levers, the package's fastai loop against the plain PyTorch loop, synthetic
-batches against the real image pipeline."""
+"""Training modes x speed levers: what frozen and full fine-tuning cost (issue "bench_freeze"). The modes and
+levers, the same model built for every mode, and the measurements: one mode with one set of levers, the package's
+fastai loop against the plain PyTorch loop (the input pipelines: bench.pipelines)."""
 from __future__ import annotations
 
 import copy
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from fastai.torch_core import set_seed
@@ -20,8 +19,7 @@ from ..core.checks import check_name
 from ..train.learner import count_params
 from ..train.modes import DEFAULT_MODES, check_modes, training_mode
 from ..train.optimizer import default_opt_func
-from .loops import (BatchLoader, LearnerLoop, PlainLoop, StreamLoader, cycle_loader, host_reads_per_step,
-                    synthetic_batches)
+from .loops import BatchLoader, LearnerLoop, PlainLoop, host_reads_per_step
 from .timing import (StepPlan, step_stats, free_device_memory, peak_memory_mb, reset_peak_memory,
                      set_cudnn_benchmark, spread, timed)
 
@@ -235,101 +233,3 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
         del built
         free_device_memory(dev)
     return rows
-
-
-def _workers(dl) -> int:
-    fake = getattr(dl, "fake_l", None)  # fastai keeps the worker count there (dl.num_workers is 1)
-    return getattr(fake, "num_workers", getattr(dl, "num_workers", 0))
-
-
-def bench_loaders(pipe_dls: Mapping[str, Any], dev: torch.device, warmup: int, steps: int, repeats: int, bs: int,
-                  log: Callable[[str], None] | None = print) -> tuple[list[dict[str, Any]], dict[str, Iterator]]:
-    """Each pipeline's training loader alone (decode, crops, aug_transforms, Normalize; no model), in rounds that
-    alternate the pipelines so that machine noise hits them alike; also returns the batch streams (epoch after
-    epoch), for the training loops."""
-    streams = {p: cycle_loader(d.train) for p, d in pipe_dls.items()}
-    for stream in streams.values():
-        for _ in range(warmup):
-            next(stream)
-    times: dict[str, list[float]] = {p: [] for p in pipe_dls}
-    for _ in range(repeats):
-        for p, stream in streams.items():
-            times[p].append(timed(lambda: [next(stream) for _ in range(steps)], dev))
-    first = next(iter(pipe_dls))
-    rows = []
-    for p, d in pipe_dls.items():
-        s = step_stats(times[p], steps, bs)
-        info = getattr(getattr(d, "info", None), "pipeline_info", {}) or {}
-        rows.append(dict(pipeline=p, ran=info.get("pipeline", p), workers=_workers(d.train), **s,
-                         max_over_min=s["step_ms"]["max"] / s["step_ms"]["min"],
-                         ratio_vs_first=spread(times[first])["median"] / spread(times[p])["median"],
-                         fill_s=info.get("fill_s"), cached=info.get("cached"), streamed=info.get("streamed")))
-        if log:
-            log(f"  pipeline loader alone {p:<8} ({rows[-1]['workers']} workers): {s['images_per_s']:9.1f} images/s "
-                f"x{rows[-1]['ratio_vs_first']:.2f} of {first}")
-    return rows, streams
-
-
-def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Sequence[str], dev: torch.device,
-                   precision: str, seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
-                   log: Callable[[str], None] | None = print, channels_last: bool | None = None) -> dict[str, Any]:
-    """Synthetic on-device batches against each input pipeline of `pipe_dls` ({name: DataLoaders}, e.g. pil,
-    device, cached: see tp3_fastai.data.pipeline) on the same image folder: each loader alone, then training steps of
-    the plain loop on synthetic batches and, per pipeline, of the plain loop, the package's Learner and the same
-    Learner on fastai's stock loop on real batches; loops and pipelines alternate round by round. Models train as the practical would on
-    the device: `channels_last` defaults to True on CUDA (with AMP `precision`), False on a CPU."""
-    cl = dev.type == "cuda" if channels_last is None else channels_last
-    loaders, streams = bench_loaders(pipe_dls, dev, warmup, steps, repeats, bs, log)
-    first_dls = next(iter(pipe_dls.values()))
-    batches = synthetic_batches(2, bs, size, first_dls.c, dev, seed + 1, channels_last=cl)
-
-    def model(dls, mode):
-        m = mode_learner(dls, arch, mode, seed, precision).model
-        return m.to(memory_format=torch.channels_last) if cl else m
-
-    def learner(mode, stock=False):
-        return mode_learner(first_dls, arch, mode, seed, precision, lr=lr, stock=stock, channels_last=cl)
-
-    rows = []
-    for mode in modes:
-        check_name(mode, ["unfrozen", "frozen_bn", "frozen"], "pipeline mode")
-        bn_eval = mode == "frozen"
-        loops = {
-            "plain": PlainLoop(model(first_dls, mode), dev, precision, lr, bn_eval=bn_eval),
-            "package": LearnerLoop(learner(mode), dev, lr),
-            "stock": LearnerLoop(learner(mode, stock=True), dev, lr, "stock"),
-        }
-        syn_loop = PlainLoop(model(syn_dls, mode), dev, precision, lr, bn_eval=bn_eval)
-        cells = [("plain", "synthetic", None)] + [(lp, "real", p) for p in pipe_dls for lp in loops]
-        times: dict[tuple, list[float]] = {c: [] for c in cells}
-        for r in range(repeats):
-            w = warmup if r == 0 else 1
-            for cell in cells:
-                loop_name, data, p = cell
-                if data == "synthetic":
-                    times[cell] += syn_loop.run(BatchLoader(batches, w + steps), w, steps, 1)
-                else:
-                    source = StreamLoader(streams[p], w + steps, plain=loop_name == "plain", bs=bs)
-                    times[cell] += loops[loop_name].run(source, w, steps, 1)
-        syn = spread(times[cells[0]])["median"]
-        for cell in cells:
-            loop_name, data, p = cell
-            s = step_stats(times[cell], steps, bs)
-            med = spread(times[cell])["median"]
-            plain_real = spread(times[("plain", "real", p)])["median"] if p else None
-            rows.append(dict(mode=mode, loop=loop_name, data=data, pipeline=p, precision=precision, **s,
-                             max_over_min=s["step_ms"]["max"] / s["step_ms"]["min"],
-                             ratio_vs_synthetic=med / syn, ratio_vs_plain_real=med / plain_real if p else None))
-            if log:
-                log(f"  pipeline {mode:<16} {loop_name:<8} {p or 'synthetic':<9} {s['images_per_s']:9.1f} images/s"
-                    f"  x{med / syn:.3f} of synthetic step time")
-        del loops, syn_loop
-        free_device_memory(dev)
-    info = getattr(first_dls, "info", None)
-    aug = getattr(getattr(first_dls, "augmentation", None), "name", None)
-    return dict(loader=loaders[0], loaders=loaders, rows=rows, pipelines=list(pipe_dls), aug=aug,
-                memory_format="channels_last" if cl else "contiguous",
-                data=str(getattr(info, "source", "")),
-                note="loader alone: training batches drawn (reading, decoding, crops, collation, device copy, "
-                     "aug_transforms, Normalize) with no model; ratio_vs_synthetic: step time / the plain loop's on "
-                     "synthetic on-device batches; x first: images/s / the first pipeline's")

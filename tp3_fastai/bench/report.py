@@ -80,35 +80,38 @@ def _opt(v, fmt: str = ".3g") -> str:
 
 
 def pipeline_markdown(p: Mapping[str, Any]) -> list[str]:
-    """The input-pipeline section: each pipeline's loader alone, then training steps on synthetic and real batches."""
-    loaders = p.get("loaders") or [dict(p["loader"], pipeline="pil")]
-    first = loaders[0]["pipeline"]
-    lines = ["", f"## Input pipelines: synthetic on-device batches vs real images ({p['data']})", "",
-             f"Loader alone (training batches with augmentation '{p.get('aug') or 'default'}': reading, decoding, "
-             "crops, collation, device copy, batch augmentation, Normalize; no model). Pipelines alternate round by "
-             "round; step ms: median [min-max] per batch; cache fill: the one-off decode into the cache (the cached "
-             "pipeline's first epoch).", "",
-             f"| pipeline | workers | images/s | ms/batch | max/min | x {first} | cache fill s | cached / streamed |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in loaders:
-        name = r["pipeline"] + (f" ({r['ran']})" if r.get("ran") and r["ran"] != r["pipeline"] else "")
-        cached = "-" if r.get("cached") is None else f"{r['cached']} / {r['streamed']}"
-        lines.append(f"| {name} | {r['workers']} | {r['images_per_s']:.4g} | {_ms(r['step_ms'])} | "
-                     f"{_opt(r.get('max_over_min'))} | {_opt(r.get('ratio_vs_first'))} | {_opt(r.get('fill_s'))} | "
-                     f"{cached} |")
+    """The input-pipeline section: the synthetic baseline, then each pipeline's block (its loader alone, then each
+    loop on its batches), with host reads and blocking copies per training step."""
     from ..data.pipeline import PIPELINE_LABELS
 
-    lines += ["", "Pipelines: " + "; ".join(f"**{k}**: {v}" for k, v in PIPELINE_LABELS.items()
-                                          if any(r.get("ran", r["pipeline"]) == k for r in loaders)) + "."]
-    lines += ["", f"Training steps ({p['rows'][0]['precision'] if p['rows'] else '-'}, "
-              f"{p.get('memory_format', 'contiguous')}), each loop fed by each pipeline (x plain real: step time / the "
-              "plain loop's on the same pipeline):", "",
-              "| mode | loop | data | pipeline | images/s | step ms | max/min | x plain synthetic | x plain real |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", f"## Input pipelines: real images vs synthetic on-device batches ({p['data']})", "",
+             f"Augmentation '{p.get('aug') or 'default'}'; {p.get('memory_format', 'contiguous')}; {p['note']}. "
+             "Loader alone: training batches drawn with no model (reading, decoding, crops, augmentation, "
+             "Normalize). Step ms: median [min-max] of the timed groups.", "",
+             "| pipeline | mode | loop | images/s | step ms | max/min | of synthetic | host reads/step "
+             "| blocking copies/step | workers, prefetch, warm-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
-        lines.append(f"| {r['mode']} | {r['loop']} | {r['data']} | {r.get('pipeline') or '-'} | "
+        setup = "-"
+        if r["loop"] == "loader alone":
+            setup = f"{r['workers']}, {r['prefetch']}, {r['warmup_batches']}"
+        lines.append(f"| {r.get('pipeline') or 'synthetic'} | {r.get('mode') or '-'} | {r['loop']} | "
                      f"{r['images_per_s']:.4g} | {_ms(r['step_ms'])} | {_opt(r.get('max_over_min'))} | "
-                     f"{r['ratio_vs_synthetic']:.3f} | {_opt(r.get('ratio_vs_plain_real'), '.3f')} |")
+                     f"{_opt(r.get('of_synthetic'), '.0%')} | {_opt(r.get('reads_per_step'), 'g')} | "
+                     f"{_opt(r.get('blocking_copies_per_step'), 'g')} | {setup} |")
+    loaders = p.get("loaders") or []
+    if loaders:
+        first = loaders[0]["pipeline"]
+        lines += ["", f"Loader alone: x {first}, cache fill (the cached pipeline's one-off decode) and augmentation:",
+                  ""]
+        for r in loaders:
+            name = r["pipeline"] + (f" (ran {r['ran']})" if r.get("ran") and r["ran"] != r["pipeline"] else "")
+            fill = (f"; cache fill {r['fill_s']:.3g} s, cached / streamed {r['cached']} / {r['streamed']}"
+                    if r.get("fill_s") is not None else "")
+            lines.append(f"- **{name}**: x{r.get('ratio_vs_first', 1):.2f} of {first}{fill}; "
+                         f"augmentation: {r.get('augmentation') or '-'}")
+        lines += ["", "Pipelines: " + "; ".join(f"**{k}**: {v}" for k, v in PIPELINE_LABELS.items()
+                                              if any(r.get("ran", r["pipeline"]) == k for r in loaders)) + "."]
     return lines
 
 
@@ -119,10 +122,8 @@ def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
     ok = [r for r in result["grid"] if r["status"] == "ok"]
     extra = [(f"{r['mode']} | {r['loop']}", r["images_per_s"]) for r in result["overhead"]]
     if result["pipeline"]:
-        extra += [(f"{r['mode']} | {r['loop']} | {r.get('pipeline') or r['data']}", r["images_per_s"])
+        extra += [(f"{r.get('mode') or ''} | {r['loop']} | {r.get('pipeline') or r['data']}", r["images_per_s"])
                   for r in result["pipeline"]["rows"]]
-        extra += [(f"loader alone | {r.get('pipeline', 'pil')}", r["images_per_s"])
-                  for r in result["pipeline"].get("loaders") or [result["pipeline"]["loader"]]]
     n_panels = 2 if extra else 1
     height = max(3.0, 0.32 * max(len(ok), len(extra)) + 1.5)
     fig, axes = plt.subplots(1, n_panels, figsize=(7.5 * n_panels, height), squeeze=False)

@@ -52,8 +52,11 @@ class Augmentation:
     batch: dict[str, Any] | None = field(default_factory=dict)
 
     def batch_tfms(self) -> list:
-        """The batch augmentation transforms (empty when off)."""
-        return [] if self.batch is None else aug_transforms(**self.batch)
+        """The batch augmentation transforms (empty when off): fastai's `aug_transforms(**batch)`, its affine and
+        lighting parts run without host reads (pipeline.augment.read_free_tfms: the same draws)."""
+        from .pipeline.augment import read_free_tfms
+
+        return [] if self.batch is None else read_free_tfms(aug_transforms(**self.batch))[0]
 
 
 def parse_aug(aug: str | Augmentation = "default") -> Augmentation:
@@ -234,13 +237,15 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
 
     `pipeline` (see tp3_fastai.data.pipeline): 'pil' runs fastai's item transforms per image on the CPU (random
     resized crop for training, centre crop for validation) and the batch transforms on `device`; 'device' reads
-    file bytes on the loader (workers) and decodes, crops and flips the batch on `device` (nvJPEG on CUDA);
-    'cached' does the same from images decoded once into a uint8 cache on `device` within `cache_budget` (a
-    fraction of free memory, or bytes; images beyond it are streamed); 'auto' takes 'cached' when the whole set
-    fits, else 'device'. Every pipeline gives the same classes, labels, shapes and normalisation; batch
-    transforms `aug_transforms` (see parse_aug) and normalisation by `stats` (ImageNet's by default; hub weights
-    bring their own, see weights.normalization), which every mode then shares.
-    `dls.info` (a FolderInfo) records the layout, classes, split sizes and the pipeline that runs. Loader
+    file bytes on the loader (workers, which also decode files that are not JPEGs) and decodes, crops and
+    augments the batch on `device` (nvJPEG on CUDA) in one resample; 'cached' does the same from images decoded
+    once into a uint8 cache on `device` within `cache_budget` (a fraction of free memory, or bytes; images beyond it
+    are streamed); 'auto' takes 'cached' when the whole set fits, else 'device' (pipeline.choose_pipeline). Every
+    pipeline gives the same classes, labels, shapes and normalisation; batch augmentation `aug_transforms` (see
+    parse_aug: fastai's transforms and draws, run without host reads) and normalisation by `stats` (ImageNet's by
+    default; hub weights bring their own, see weights.normalization), which every mode then shares. No pipeline
+    makes the host wait for the device per batch (see tp3_fastai.data.pipeline).
+    `dls.info` (a FolderInfo) records the layout, classes, split sizes, the pipeline that runs and why. Loader
     workers, where there are any, persist from epoch to epoch.
 
     Bad data is dealt with before any training, always the same way: files whose extension is not an image's
@@ -251,7 +256,7 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
     an empty class folder, a single class or an empty split stop with a ValueError naming the folder. Images
     of any mode (grayscale, palette, RGBA, 16-bit grayscale) load as 8-bit RGB (see `to_rgb`).
     """
-    from .pipeline import check_pipeline, choose_pipeline, default_workers, device_dls
+    from .pipeline import check_pipeline, choose_pipeline, default_workers, device_dls, jpeg_share, read_free_tfms
     from .pipeline.pil import pil_dls
     from .pipeline.check import memory_file
 
@@ -264,13 +269,16 @@ def folder_dls(path: str | Path, size: int = 224, bs: int = 64, valid_pct: float
     if verify:
         check_images(files, memory_file(cache_dir, root) if cache_dir is not None else None)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    running, why = choose_pipeline(pipeline, dev, len(files), size, cache_budget)
-    batch_tfms = [*augmentation.batch_tfms(), Normalize.from_stats(*stats)]
+    jpegs = jpeg_share(files)
+    running, why = choose_pipeline(pipeline, dev, len(files), size, cache_budget, jpegs)
     if running == "pil":
+        augment, split = ([], None) if augmentation.batch is None else \
+            read_free_tfms(aug_transforms(**augmentation.batch))
         # On a CPU the training itself uses every core; worker processes only compete with it.
         num_workers = default_workers("pil", dev) if num_workers is None else num_workers
-        dls, facts = pil_dls(files, valid_idx, labeller, root, size, bs, augmentation.min_scale, batch_tfms, dev,
-                             num_workers)
+        dls, facts = pil_dls(files, valid_idx, labeller, root, size, bs, augmentation.min_scale,
+                             [*augment, Normalize.from_stats(*stats)], dev, num_workers)
+        facts.update(augmentation=split.describe() if split else "none", jpeg_share=round(jpegs, 3))
     else:
         dls, facts = device_dls(files, valid_idx, labeller, root, size, bs, augmentation.min_scale,
                                 augmentation.batch, dev, running, num_workers, cache_budget, stats=stats)

@@ -13,6 +13,7 @@ from torch import nn
 from .curves import CurvesCallback
 from ..core.device import resolve_channels_last
 from .loop import Learner
+from .progress import lean_progress
 
 
 class CrossEntropy(nn.CrossEntropyLoss):
@@ -41,13 +42,16 @@ def setup_learner(learn: Learner, precision: str = "fp32", csv_path: str | Path 
     `learn.precision` so that summaries state what ran. `channels_last`: None decides by the DataLoaders' device
     (device.resolve_channels_last: on for CUDA), kept as `learn.memory_format`. Mixed precision is what the
     learner's class adds: QuietMixedPrecision for the package's Learner (train.loop), fastai's MixedPrecision for
-    fastai's own. Progress bars show only on a TTY or in a notebook.
+    fastai's own. Progress bars show only on a TTY or in a notebook, reading the loss without waiting for the GPU
+    (progress.LeanProgress).
     """
     if progress is None:
         progress = sys.stdout.isatty() or in_notebook()
     if not progress:
         learn.remove_cb(ProgressCallback)
         learn.logger = noop  # the curves callback prints one readable line per epoch instead
+    else:
+        lean_progress(learn)  # fastai's bar reads the loss back every batch: a GPU wait per step
     learn.add_cb(CurvesCallback(csv_path, log=None if progress else log, name=name))
     if precision == "fp16":
         learn.to_fp16()

@@ -214,6 +214,7 @@ class FinetuneConfig:
     resume: str | Path | None = None
     mirror: str | None = None
     pipeline: str = "auto"
+    deterministic: bool = False  # cuDNN's deterministic algorithms (how it runs, not what: not a resume key)
 
 
 @dataclass
@@ -263,7 +264,7 @@ def finetune_data(plan: FinetunePlan, dev: torch.device, main: bool, world: int,
         image_source(plan.data, plan.cache_dir, plan.mirror, log)
 
     on_rank_zero(fetch, main)
-    set_seed(plan.seed, reproducible=True)
+    set_seed(plan.seed, reproducible=plan.deterministic)
     dls = image_dls(plan.data, size=plan.size, bs=plan.bs // world, seed=plan.seed, aug=plan.aug, device=dev,
                     cache_dir=plan.cache_dir, stats=(plan.normalize["mean"], plan.normalize["std"]),
                     pipeline=plan.pipeline)
@@ -316,7 +317,7 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
     if (ckpt / "result.json").is_file():  # finished before an interruption: kept as it was
         ctx.log(f"{mode}: finished before, kept ({ckpt / 'result.json'})")
         return read_json(ckpt / "result.json"), read_curves(csv_path) if ctx.main else [], None, plan.epochs
-    set_seed(plan.seed, reproducible=True)  # every mode gets the same head init, augmentation draws ...
+    set_seed(plan.seed, reproducible=plan.deterministic)  # every mode gets the same head init, augmentation draws ...
     reseed(dls, plan.seed)  # ... and batch order
     learn = build_learner(ctx, plan, dls, mode, csv_path if ctx.main else None,
                           plan.pretrained if training_mode(mode).pretrained else False)
@@ -464,10 +465,15 @@ def finetune_experiment(config: FinetuneConfig | None = None, *, log: Callable[[
     Launched on several processes (`torchrun`, `accelerate launch`) it trains data-parallel like
     mnist.train_mnist: `bs` stays the batch of one optimiser step, `bs // world` images per process; every rank
     draws the same split from `seed`; rank 0 alone downloads, writes the run folder and prints.
+
+    Seeded runs draw the same weights, batches and augmentation; `deterministic` also makes cuDNN use its
+    deterministic (slower) algorithms, recorded in config.json; without it cuDNN chooses freely, as the benchmarks
+    measure it.
     """
     plan = plan_finetune(build_config(FinetuneConfig, config, options))
     dev, main, world = join_launch(plan.bs, pick_device(plan.device), launch)
     prec = resolve_precision(plan.precision, dev)
+    torch.backends.cudnn.deterministic = plan.deterministic  # for this run only, as asked
     plan.channels_last = resolve_channels_last(plan.channels_last, dev)  # None: on CUDA
     log = main_only(log)
     t0 = time.perf_counter()

@@ -58,7 +58,7 @@ class DecodedCache:
             n, self.images = 0, torch.empty((0, 3, stored, stored), dtype=torch.uint8, device=self.device)
         self.slots = {str(p): i for i, p in enumerate(paths[:n])}
         self.signatures: list[Signature | None] = [None] * n
-        self.sizes = torch.zeros(n, 2)  # original width, height
+        self.sizes = torch.zeros(n, 2, device=self.device)  # original width, height, beside the images
         self.hits = self.misses = self.refreshed = 0
 
     def __len__(self) -> int:
@@ -78,6 +78,14 @@ class DecodedCache:
         self.misses += 1
         return None
 
+    def slot_table(self, paths: Sequence[str]) -> torch.Tensor:
+        """The slot of each of `paths` (-1: none), on the cache's device: a batch's slots are then looked up there
+        from its images' positions, without a copy per batch."""
+        from ...core.syncs import stage, to_device
+
+        table = torch.tensor([self.slots.get(str(p), -1) for p in paths], dtype=torch.long)
+        return to_device(stage(table), self.device)
+
     def store(self, path: str, sig: Signature | None, image: torch.Tensor, width: int, height: int) -> bool:
         """Keep a decoded, stored-size image of `path` if it has a slot; True if kept."""
         i = self.slots.get(path)
@@ -93,7 +101,7 @@ class DecodedCache:
     def to(self, device: torch.device) -> "DecodedCache":
         """Move the cached images to `device`."""
         self.device = torch.device(device)
-        self.images = self.images.to(self.device)
+        self.images, self.sizes = self.images.to(self.device), self.sizes.to(self.device)
         return self
 
     def info(self) -> dict:

@@ -1,17 +1,16 @@
-"""Decoding a batch of encoded images to uint8 RGB tensors on the device: JPEGs through torchvision (nvJPEG's
-batched decoder on CUDA, libjpeg-turbo on a CPU); PNG, 16-bit, palette, RGBA, CMYK JPEG and anything the fast
-decoder refuses through PIL with image_data.to_rgb (today's conversions); then each image resized to the stored
-size that the batch crop and the decoded cache work from."""
+"""Decoding a batch of encoded images to uint8 RGB tensors on the device: grey and YCbCr JPEGs through torchvision
+(nvJPEG's batched decoder on CUDA, libjpeg-turbo on a CPU); PNG, 16-bit, palette, RGBA, CMYK JPEG and anything the
+fast decoder refuses through PIL with `to_rgb` (on the loader's workers where it can: see files.EncodedImage); then
+the images resized to the stored size that the batch crop and the decoded cache work from, one resize per shape."""
 from __future__ import annotations
 
 import warnings
 from typing import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .files import jpeg_components, open_bytes, to_rgb
+from ...core.syncs import stage, to_device
+from .files import decode_pil, fast_jpeg, resize_square
 
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec; they remain the documented batched nvJPEG path
 _DEPRECATED = "The image decoding and encoding capabilities of TorchVision"
@@ -30,68 +29,74 @@ class DecodeError(ValueError):
     """An image that no decoder can read, named with the reason."""
 
 
-def _pil_decode(data: torch.Tensor) -> torch.Tensor:
-
-    with open_bytes(data) as im:
-        return torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).contiguous()
+def _is_fast(data: torch.Tensor) -> bool:
+    return data.numel() > 3 and fast_jpeg(memoryview(data.numpy())) is not None
 
 
-def _fast_jpeg(data: torch.Tensor) -> bool:
-    """A grey or YCbCr JPEG (CMYK / YCCK ones go through PIL, as today)."""
-    return data.numel() > 3 and jpeg_components(memoryview(data.numpy())) in (1, 3)
-
-
-def _one(data: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    """One image, trying the fast decoder first (on `device`, then the CPU), then PIL."""
+def _one(data: torch.Tensor, name: str, device: torch.device, fast: bool) -> torch.Tensor:
+    """One image, trying the fast decoder first when `fast` (on `device`, then the CPU), then PIL; the result on
+    `device` (a host image staged and copied without blocking)."""
     errors = []
-    if _fast_jpeg(data):
+    if fast:
         for dev in dict.fromkeys([device, torch.device("cpu")]):
             try:
-                return _decode_jpeg(data, dev).to(device)
+                im = _decode_jpeg(data, dev)
+                return im if dev == device else to_device(stage(im), device)  # the CPU's decode, copied over
             except RuntimeError as e:
                 errors.append(f"{dev.type} JPEG decoder: {str(e).splitlines()[0][:160]}")
     try:
-        return _pil_decode(data).to(device)
+        return to_device(stage(decode_pil(bytes(memoryview(data.numpy())))), device)
     except Exception as e:  # PIL raises many types for damaged files
         errors.append(f"PIL: {type(e).__name__}: {e}")
     raise DecodeError(f"cannot decode image {name or '<bytes>'} ({'; '.join(errors)}): remove or replace it")
 
 
 def decode_images(encoded: Sequence[torch.Tensor | None], pixels: Sequence[torch.Tensor | None],
-                  names: Sequence[str], device: torch.device) -> list[torch.Tensor]:
+                  names: Sequence[str], device: torch.device,
+                  fast: Sequence[bool] | None = None) -> list[torch.Tensor]:
     """uint8 3 x H x W tensors on `device`, one per image: `pixels[i]` when given decoded, else `encoded[i]`
-    (a 1-D uint8 CPU tensor of file bytes) decoded. On CUDA the grey / YCbCr JPEGs of the batch go to nvJPEG in
-    one batched call; if it refuses the batch, each image is retried alone (GPU, CPU, PIL)."""
+    (a 1-D uint8 CPU tensor of file bytes) decoded. `fast[i]`: whether image i is a grey / YCbCr JPEG (read from
+    its header when not given). On CUDA those JPEGs go to nvJPEG in one batched call; if it refuses the batch, each
+    image is retried alone (GPU, CPU, PIL)."""
     out: list[torch.Tensor | None] = [None] * len(names)
-    fast = []
-    for i, (data, px) in enumerate(zip(encoded, pixels)):
+    fast = [px is None and _is_fast(d) for d, px in zip(encoded, pixels)] if fast is None else list(fast)
+    todo = []
+    for i, px in enumerate(pixels):
         if px is not None:
-            out[i] = px.to(device)
-        elif _fast_jpeg(data):
-            fast.append(i)
-    if fast:
+            out[i] = to_device(stage(px), device) if px.device.type == "cpu" else px.to(device)
+        elif fast[i]:
+            todo.append(i)
+    if todo:
         try:
-            decoded = _decode_jpeg([encoded[i] for i in fast], device)
-            for i, im in zip(fast, decoded):
+            decoded = _decode_jpeg([encoded[i] for i in todo], device)
+            for i, im in zip(todo, decoded):
                 out[i] = im
         except RuntimeError:  # one bad or unsupported file fails the batched call: find it image by image
             pass
     for i, im in enumerate(out):
         if im is None:
-            out[i] = _one(encoded[i], names[i], device)
+            out[i] = _one(encoded[i], names[i], device, fast[i])
     return out  # type: ignore[return-value]
+
+
+def to_stored_batch(images: Sequence[torch.Tensor], stored: int) -> torch.Tensor:
+    """uint8 images (3 x H x W each, any sizes, one device) resized to `stored` x `stored` and stacked in order:
+    one antialiased resize per distinct shape (a batch of one-size JPEGs: a single call)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        by_shape.setdefault(tuple(im.shape), []).append(i)
+    if len(by_shape) == 1:
+        return resize_square(torch.stack(list(images)), stored)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    for pos in by_shape.values():
+        for i, im in zip(pos, resize_square(torch.stack([images[i] for i in pos]), stored).unbind(0)):
+            out[i] = im
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def to_stored(image: torch.Tensor, stored: int) -> torch.Tensor:
     """`image` (uint8 3 x H x W) resized to `stored` x `stored` (antialiased bilinear; uint8 in, uint8 out)."""
-    if tuple(image.shape[-2:]) == (stored, stored):
-        return image
-    if image.device.type == "cpu":  # PyTorch's CPU kernel resizes uint8 directly (and fast)
-        return F.interpolate(image[None], size=(stored, stored), mode="bilinear", antialias=True,
-                             align_corners=False)[0]
-    out = F.interpolate(image[None].float(), size=(stored, stored), mode="bilinear", antialias=True,
-                        align_corners=False)[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return resize_square(image[None], stored)[0]
 
 
 def stored_size(size: int, scale: float = 1.15) -> int:

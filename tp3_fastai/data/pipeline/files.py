@@ -1,5 +1,7 @@
-"""Image files as the loader hands them over: a file's identity (path, size, mtime), its encoded bytes when read,
-and a batch of them packed into one tensor (one shared-memory transfer from a worker, not one per image)."""
+"""Image files as the loader hands them over: a file's identity (path, size, mtime), its encoded bytes when read
+(with the JPEG header checked where it was read: size and whether the batched decoders take it), or its pixels when
+PIL decoded it there; and a batch of them packed into a few tensors (one shared-memory transfer from a worker, one
+staged copy to the device)."""
 from __future__ import annotations
 
 import io
@@ -10,7 +12,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+
+from ...core.syncs import stage, to_device
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -36,9 +41,9 @@ def signature(path: str | Path) -> Signature:
     return st.st_size, st.st_mtime_ns
 
 
-def jpeg_components(data: bytes | memoryview) -> int | None:
-    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK / YCCK) read from its frame header; None if `data`
-    is not a JPEG or its header cannot be found."""
+def jpeg_header(data: bytes | memoryview) -> tuple[int, int, int] | None:
+    """(colour components, height, width) of a JPEG read from its frame header (components: 1 grey, 3 YCbCr,
+    4 CMYK / YCCK); None if `data` is not a JPEG or its header cannot be found."""
     if bytes(data[:3]) != JPEG_MAGIC:
         return None
     i, n = 2, len(data)
@@ -54,27 +59,63 @@ def jpeg_components(data: bytes | memoryview) -> int | None:
             continue
         length = (data[i + 2] << 8) | data[i + 3]
         if marker in _SOF:
-            return data[i + 9] if i + 9 < n else None
+            if i + 9 >= n:
+                return None
+            return data[i + 9], (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
         if marker == 0xDA:  # start of scan before any frame header: not a valid JPEG
             return None
         i += 2 + length
     return None
 
 
+def jpeg_components(data: bytes | memoryview) -> int | None:
+    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK / YCCK) read from its frame header; None if `data`
+    is not a JPEG or its header cannot be found."""
+    header = jpeg_header(data)
+    return None if header is None else header[0]
+
+
+def fast_jpeg(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) of a grey or YCbCr JPEG, which the batched JPEG decoders take (nvJPEG on CUDA,
+    libjpeg-turbo on a CPU); None for anything else (PNG, CMYK / YCCK JPEG, ...: decoded with PIL)."""
+    header = jpeg_header(data) if len(data) > 3 else None
+    return (header[2], header[1]) if header is not None and header[0] in (1, 3) and header[1] and header[2] else None
+
+
+def decode_pil(data: bytes | torch.Tensor) -> torch.Tensor:
+    """Encoded bytes decoded by PIL, through `to_rgb`: uint8 3 x H x W."""
+    with open_bytes(data) as im:
+        return torch.from_numpy(np.array(to_rgb(im))).permute(2, 0, 1).contiguous()
+
+
+def resize_square(images: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 images (N x 3 x H x W, one shape) resized to `side` x `side`: antialiased bilinear, uint8 out."""
+    if tuple(images.shape[-2:]) == (side, side):
+        return images
+    if images.device.type == "cpu":  # PyTorch's CPU kernel resizes uint8 directly (and fast)
+        return F.interpolate(images, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    out = F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 @dataclass
 class EncodedImage:
     """One image as the dataset hands it over: its file and signature, its encoded bytes when already read, or its
-    pixels when it was given decoded (`predict` on a PIL image or a tensor)."""
+    pixels when it was given decoded (`predict` on a PIL image or a tensor) or decoded where it was read (a file
+    that is not a fast JPEG, on a loader worker: `stored` size). `size`: the original (width, height) where known
+    (a JPEG's header, a decoded image)."""
     path: str = ""
     signature: Signature | None = None
     data: bytes | None = None
     pixels: torch.Tensor | None = None  # uint8, 3 x H x W
+    size: tuple[int, int] | None = None
 
     @classmethod
     def create(cls, x: "Path | str | bytes | Image.Image | torch.Tensor | np.ndarray | EncodedImage",
-               read: bool = True) -> "EncodedImage":
-        """From a file path (its bytes read now when `read`, else later, by the batch step), encoded bytes, a PIL
-        image (any mode, through image_data.to_rgb) or a uint8 array / tensor (H x W x C, or C x H x W tensor)."""
+               read: bool = True, stored: int | None = None) -> "EncodedImage":
+        """From a file path (its bytes read now when `read`, else later, by the batch step; with `stored`, a file
+        that is not a grey or YCbCr JPEG is decoded now by PIL and resized to `stored` x `stored`), encoded bytes, a
+        PIL image (any mode, through `to_rgb`) or a uint8 array / tensor (H x W x C, or C x H x W tensor)."""
         if isinstance(x, EncodedImage):
             return x
         if isinstance(x, (str, Path)):
@@ -83,12 +124,22 @@ class EncodedImage:
                 return cls(path, signature(path))
             with open(path, "rb") as f:
                 sig = os.fstat(f.fileno())
-                return cls(path, (sig.st_size, sig.st_mtime_ns), f.read())
+                data = f.read()
+            size = fast_jpeg(memoryview(data))
+            if size is not None or stored is None:
+                return cls(path, (sig.st_size, sig.st_mtime_ns), data, size=size)
+            try:  # decoded here, on the worker: the batch step gets pixels (a bad file: left to the batch step)
+                pixels = decode_pil(data)
+            except Exception:  # PIL raises many types for damaged files; the batch step names the file
+                return cls(path, (sig.st_size, sig.st_mtime_ns), data)
+            h, w = pixels.shape[-2:]
+            return cls(path, (sig.st_size, sig.st_mtime_ns), pixels=resize_square(pixels[None], stored)[0],
+                       size=(w, h))
         if isinstance(x, (bytes, bytearray, memoryview)):
-            return cls(data=bytes(x))
+            return cls(data=bytes(x), size=fast_jpeg(memoryview(bytes(x))))
         if isinstance(x, Image.Image):
 
-            return cls(pixels=torch.from_numpy(np.array(to_rgb(x))).permute(2, 0, 1).contiguous())
+            return cls(pixels=torch.from_numpy(np.array(to_rgb(x))).permute(2, 0, 1).contiguous(), size=x.size)
         if isinstance(x, (torch.Tensor, np.ndarray)):
             t = torch.as_tensor(np.asarray(x) if isinstance(x, np.ndarray) else x.as_subclass(torch.Tensor))
             if isinstance(x, np.ndarray) or t.shape[0] not in (1, 3):  # arrays are H x W (x C), as PIL makes them
@@ -96,7 +147,8 @@ class EncodedImage:
                 t = t.permute(2, 0, 1)
             if t.dtype != torch.uint8:
                 raise ValueError(f"an image given as an array must be uint8, got {t.dtype}")
-            return cls(pixels=t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous())
+            t = t.expand(3, -1, -1).contiguous() if t.shape[0] == 1 else t.contiguous()
+            return cls(pixels=t, size=(t.shape[-1], t.shape[-2]))
         raise TypeError(f"cannot make an image from {type(x).__name__}: give a file path, bytes, a PIL image or a "
                         "uint8 array")
 
@@ -107,19 +159,30 @@ class EncodedImage:
 
 
 class ImageBatch:
-    """A batch of EncodedImage: every encoded byte string concatenated into one uint8 tensor (with offsets), so
-    that a loader worker hands the batch over in one shared-memory transfer."""
+    """A batch of EncodedImage packed for one transfer each: every encoded byte string concatenated into one uint8
+    tensor (with offsets), the pixels of images decoded where they were read stacked by shape, and the known
+    original sizes (B x 2: width, height; 0 where unknown). `index`: the images' positions in their dataset, when the
+    loader gave them. `to(device)` moves what the device needs (pixels, sizes, index) from staged host memory
+    without blocking; the encoded bytes stay on the host, where the JPEG decoders read them."""
 
-    def __init__(self, images: Sequence[EncodedImage]):
+    def __init__(self, images: Sequence[EncodedImage], index: Sequence[int] | None = None):
         self.paths = [im.path for im in images]
         self.signatures = [im.signature for im in images]
-        self.pixels = [im.pixels for im in images]
         datas = [im.data or b"" for im in images]
         self.offsets = np.cumsum([0] + [len(d) for d in datas]).tolist()
         self.has_data = [im.data is not None for im in images]
+        self.fast = [im.data is not None and im.size is not None and im.pixels is None for im in images]
         joined = b"".join(datas)
         self.buffer = (torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined
                        else torch.empty(0, dtype=torch.uint8))
+        self.sizes = torch.tensor([im.size or (0, 0) for im in images], dtype=torch.float32).reshape(-1, 2)
+        shapes: dict[tuple, list[int]] = {}
+        for i, im in enumerate(images):
+            if im.pixels is not None:
+                shapes.setdefault(tuple(im.pixels.shape), []).append(i)
+        self.groups = [(pos, torch.stack([images[i].pixels for i in pos])) for pos in shapes.values()]
+        self.index = torch.tensor(list(index), dtype=torch.long) if index is not None else None
+        self.slots: torch.Tensor | None = None  # cache slots on the device, set by the loader (see loader.send)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -129,15 +192,49 @@ class ImageBatch:
         """(batch size,): fastai's find_bs reads it."""
         return (len(self),)
 
+    @property
+    def pixels(self) -> list[torch.Tensor | None]:
+        """Each image's pixels where it came decoded (None for the others)."""
+        out: list[torch.Tensor | None] = [None] * len(self)
+        for pos, t in self.groups:
+            for k, i in enumerate(pos):
+                out[i] = t[k]
+        return out
+
+    def to(self, device: torch.device | str) -> "ImageBatch":
+        """Move the pixels, sizes and index to `device` (staged, without blocking; see core.syncs), in place."""
+        self.groups = [(pos, to_device(stage(t), device)) for pos, t in self.groups]
+        self.sizes = to_device(stage(self.sizes), device)
+        if self.index is not None:
+            self.index = to_device(stage(self.index), device)
+        return self
+
+    def pin_memory(self) -> "ImageBatch":
+        """Stage the tensors that go to the device (torch's DataLoader calls this when it pins batches)."""
+        self.groups = [(pos, stage(t)) for pos, t in self.groups]
+        self.sizes = stage(self.sizes)
+        if self.index is not None:
+            self.index = stage(self.index)
+        return self
+
     def encoded(self, i: int) -> torch.Tensor | None:
         """The encoded bytes of image `i` as a 1-D uint8 tensor (a view of the batch buffer), read from its file if
         the dataset did not read it; None for an image given decoded."""
         if self.has_data[i]:
             return self.buffer[self.offsets[i]:self.offsets[i + 1]]
-        if self.pixels[i] is not None:
+        if any(i in pos for pos, _ in self.groups):
             return None
+        return self.encoded_info(i)[0]
+
+    def encoded_info(self, i: int) -> tuple[torch.Tensor, bool]:
+        """The encoded bytes of image `i` (as `encoded`; read now if the dataset did not) and whether the batched
+        JPEG decoders take them (from the header checked where they were read)."""
+        if self.has_data[i]:
+            return self.buffer[self.offsets[i]:self.offsets[i + 1]], self.fast[i]
         with open(self.paths[i], "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+            data = bytearray(f.read())
+        t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return t, fast_jpeg(memoryview(data)) is not None
 
     def __repr__(self) -> str:
         return f"ImageBatch({len(self)} images, {self.buffer.numel():,} encoded bytes)"
