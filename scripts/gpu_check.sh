@@ -45,7 +45,7 @@ if [ $DRY = 1 ]; then
 else
   MODE="GPU"; DEVICE=cuda; FLAG=(); CACHE=/tmp/tp3_gpu_check_cache
   TESTS=(tests/test_pipeline.py)
-  BENCH=(--modes unfrozen,frozen_train_bn,frozen,precomputed --precisions bf16 --formats channels_last --repeats 3
+  BENCH=(--modes unfrozen,frozen_bn,frozen,precomputed --precisions bf16 --formats channels_last --repeats 3
          --overhead-modes unfrozen,frozen)
   REST=(tests --ignore=tests/test_pipeline.py --ignore=tests/test_notebooks.py --ignore=tests/test_gpu_check.py)
 fi

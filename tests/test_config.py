@@ -19,7 +19,6 @@ MAX_PARAMETERS = 12
 # pipeline section; issue 24 items 2-3: resnet_learner's construction). Remove an entry when it is fixed: the
 # test fails while an entry is stale.
 OWNED_ELSEWHERE = {
-    "bench/modes.py:bench_pipeline": "issue 23 (moves to bench/pipelines.py)",
     "data/images.py:folder_dls": "issue 23 (the pil pipeline)",
     "data/pipeline/build.py:device_dls": "issue 23",
     "transfer/learner.py:resnet_learner": "issue 24 items 2-3 (resnet_learner's construction)",

@@ -523,13 +523,15 @@ def test_the_bench_times_each_pipeline_in_its_own_block(jpegs, dev):
     next to each other; host reads and blocking copies per step of the package Learner: none."""
     from fastai.data.core import DataLoaders
 
-    from tp3_fastai.bench import BatchLoader, bench_pipeline, synthetic_batches
+    from tp3_fastai.bench import BatchLoader, PipelinePlan, bench_pipeline, synthetic_batches
     from tp3_fastai.bench.report import pipeline_markdown
 
     small = {p: folder_dls(jpegs, size=SIZE, bs=4, pipeline=p, verify=False, device=dev) for p in PIPES}
     syn = DataLoaders(BatchLoader(synthetic_batches(1, 4, SIZE, 2, dev, 0), 1), BatchLoader([], 0), device=dev)
     syn.c = 2
-    r = bench_pipeline(small, syn, "test_resnet", ["frozen"], dev, "fp32", 0, 1, 2, 2, 4, SIZE, 1e-3, log=None)
+    plan = PipelinePlan("test_resnet", ["frozen"], "fp32", bs=4, size=SIZE, seed=0, lr=1e-3, warmup=1, steps=2,
+                        repeats=2)
+    r = bench_pipeline(small, syn, plan, dev, log=None)
     cells = [(row["pipeline"], row["loop"], row["data"]) for row in r["rows"]]
     loops = ("plain", "package", "stock")
     assert cells == [(None, lp, "synthetic") for lp in loops] + [

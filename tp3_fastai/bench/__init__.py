@@ -16,7 +16,8 @@ from .loops import (BatchLoader, DeviceSmoothLoss, FastLearner, GroupTimer, Host
 from .mnist import bench_mnist_loop, plain_epoch
 from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, LOOPS, MEMORY_FORMATS, Levers, bench_overhead,
                     lever_skip_reason, measure_cell, mode_learner, trainable_names)
-from .pipelines import (PIPELINE_LOOPS, SyncDebug, bench_pipeline, pipeline_syncs, sync_debug_epoch,
+from .pipelines import (PIPELINE_LOOPS, PipelinePlan, SyncDebug, bench_pipeline, pipeline_syncs,
+                        sync_debug_epoch,
                         warmup_batches)
 from .report import bench_markdown, plot_bench
 from .timing import (StepPlan, driver_version, free_device_memory, load_average, peak_memory_mb, reset_peak_memory,
@@ -36,7 +37,8 @@ __all__ = [
     "BENCH_MODES", "Levers", "LEVER_PRECISIONS", "MEMORY_FORMATS", "LOOPS", "LOOP_LABELS",
     "lever_skip_reason", "mode_learner", "trainable_names", "measure_cell", "bench_overhead",
     # pipelines
-    "PIPELINE_LOOPS", "bench_pipeline", "pipeline_syncs", "sync_debug_epoch", "SyncDebug", "warmup_batches",
+    "PIPELINE_LOOPS", "PipelinePlan", "bench_pipeline", "pipeline_syncs", "sync_debug_epoch", "SyncDebug",
+    "warmup_batches",
     # freeze
     "CPU_MEMORY_NOTE", "PRESETS", "BenchConfig", "jpeg_folder", "resolve_config", "plan_bench",
     "bench_training_modes",

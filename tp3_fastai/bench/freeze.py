@@ -22,7 +22,7 @@ from ..train.modes import check_modes, mode_label, modes_for
 from .loops import BatchLoader, synthetic_batches
 from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, Levers, bench_overhead,
                     measure_cell, mode_learner)
-from .pipelines import bench_pipeline
+from .pipelines import PipelinePlan, bench_pipeline
 from .report import cell_label, bench_markdown, plot_bench
 from .timing import StepPlan, driver_version, free_device_memory, load_average, tf32_flags
 
@@ -244,8 +244,9 @@ def _bench_training_modes(cfg: BenchConfig, log: Callable[[str], None] | None) -
     _add_estimates(grid, cfg.epoch_images, cfg.epochs_estimate)
     overhead_rows = bench_overhead(syn_dls, cfg.arch, cfg.overhead_modes, batches, dev, loop_precision, cfg.seed,
                                    cfg.steps_plan(), cfg.count_reads, log=log) if cfg.overhead_modes else []
-    pipe = bench_pipeline(pipe_dls, syn_dls, cfg.arch, cfg.pipeline_modes, dev, loop_precision, cfg.seed, cfg.warmup,
-                          cfg.steps, cfg.repeats, cfg.bs, cfg.size, cfg.lr, log=log) if cfg.pipeline_modes else None
+    plan = PipelinePlan(cfg.arch, cfg.pipeline_modes, loop_precision, cfg.bs, cfg.size, cfg.seed, cfg.lr, cfg.warmup,
+                        cfg.steps, cfg.repeats)
+    pipe = bench_pipeline(pipe_dls, syn_dls, plan, dev, log=log) if cfg.pipeline_modes else None
     result = dict(config=config, env=env, device=str(dev), device_name=device_name(dev), arch=cfg.arch,
                   size=cfg.size, bs=cfg.bs,
                   baseline=dict(mode="unfrozen", precision="fp32", memory_format="contiguous",

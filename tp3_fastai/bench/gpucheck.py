@@ -13,11 +13,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..core.config import DEFAULT_CACHE
 from ..core.device import device_name, env_info, pick_device, resolve_precision
 from ..core.runs import write_json
 from .freeze import jpeg_folder
 from .loops import BatchLoader, synthetic_batches
-from .pipelines import bench_pipeline, sync_debug_epoch
+from .pipelines import PipelinePlan, bench_pipeline, sync_debug_epoch
 from .report import pipeline_markdown
 from .timing import load_average
 
@@ -41,7 +42,7 @@ class CheckConfig:
     sync_images: int = 2560
     seed: int = 42
     lr: float = 1e-3
-    cache_dir: str = "~/.cache/tp3_fastai"
+    cache_dir: str | Path = DEFAULT_CACHE
 
 
 DRY_RUN = CheckConfig(device="cpu", arch="test_resnet", size=32, bs=4, warmup=1, steps=2, repeats=2,
@@ -72,8 +73,9 @@ def pipeline_check(cfg: CheckConfig, out: str | Path, log: Callable[[str], None]
                       BatchLoader([], 0), device=dev)
     syn.c = first.c
     load_start = load_average()
-    result = bench_pipeline(pipe_dls, syn, cfg.arch, cfg.modes, dev, precision, cfg.seed, cfg.warmup, cfg.steps,
-                            cfg.repeats, cfg.bs, cfg.size, cfg.lr, log=log, loops=cfg.loops)
+    plan = PipelinePlan(cfg.arch, cfg.modes, precision, cfg.bs, cfg.size, cfg.seed, cfg.lr, cfg.warmup, cfg.steps,
+                        cfg.repeats, cfg.loops)
+    result = bench_pipeline(pipe_dls, syn, plan, dev, log=log)
     env = dict(env_info(dev), torch_threads=torch.get_num_threads())
     result.update(config=asdict(cfg), env=env, precision=precision, device_name=device_name(dev),
                   load_average=[load_start, load_average()], seconds=time.perf_counter() - t0)

@@ -9,6 +9,8 @@ CUDA are counted per training step of the package Learner on real batches (`pipe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -76,10 +78,28 @@ def _row(stats: dict[str, Any], **facts: Any) -> dict[str, Any]:
     return dict(facts, **stats, max_over_min=stats["step_ms"]["max"] / stats["step_ms"]["min"])
 
 
-def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Sequence[str], dev: torch.device,
-                   precision: str, seed: int, warmup: int, steps: int, repeats: int, bs: int, size: int, lr: float,
-                   log: Callable[[str], None] | None = print, channels_last: bool | None = None,
-                   loops: Sequence[str] = PIPELINE_LOOPS, count: bool = True) -> dict[str, Any]:
+@dataclass
+class PipelinePlan:
+    """What `bench_pipeline` measures: the model trained (`arch`, each of `modes` by each of `loops`, `precision`,
+    `lr`, `seed`), the batches (`bs` images of `size` px) and the timing (`warmup`, then `repeats` groups of `steps`
+    timed steps); `channels_last` None: on CUDA only; `count`: the package Learner's host waits per step."""
+    arch: str
+    modes: Sequence[str]
+    precision: str
+    bs: int
+    size: int
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int = 5
+    steps: int = 10
+    repeats: int = 3
+    loops: Sequence[str] = PIPELINE_LOOPS
+    channels_last: bool | None = None
+    count: bool = True
+
+
+def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, plan: PipelinePlan, dev: torch.device,
+                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Synthetic on-device batches against each input pipeline of `pipe_dls` ({name: DataLoaders} on one image
     folder). First, per mode, each of `loops` (plain PyTorch loop, package Learner, fastai's stock loop) on synthetic
     batches; then each pipeline in its own block: after `warmup_batches`, its training loader alone, then each loop
@@ -87,8 +107,11 @@ def bench_pipeline(pipe_dls: Mapping[str, Any], syn_dls, arch: str, modes: Seque
     the package Learner's host reads and blocking copies per step on its real batches. Models train as the practical
     would on the device: `channels_last` defaults to True on CUDA, False on a CPU. Throughput ratios are to the same
     loop and mode on synthetic batches."""
-    cl = dev.type == "cuda" if channels_last is None else channels_last
-    loops = list(loops)
+    arch, modes, precision, seed, lr = plan.arch, plan.modes, plan.precision, plan.seed, plan.lr
+    bs, size = plan.bs, plan.size
+    warmup, steps, repeats, count = plan.warmup, plan.steps, plan.repeats, plan.count
+    cl = dev.type == "cuda" if plan.channels_last is None else plan.channels_last
+    loops = list(plan.loops)
     for mode in modes:
         check_name(mode, PIPELINE_MODES, "pipeline mode")
     for name in loops:

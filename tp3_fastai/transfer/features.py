@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+from fastcore.meta import delegates
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner as FastaiLearner
 from torch import nn
 
+from ..train.learner import setup_learner
+from ..train.loop import learner_class
 from ..data.mnist import TensorLoader
 from ..core.device import autocast, synchronize
 
@@ -115,22 +118,18 @@ def unaugmented_loader(dls: DataLoaders, split: str = "train"):
     return dl.new(shuffle=False, drop_last=False)
 
 
+@delegates(setup_learner, but=["learn", "name"])
 def feature_learner(head: nn.Module, dls: DataLoaders, loss_func: Callable, opt_func: Callable, lr: float,
-                    wd: float | None = None, metrics: Any = None, precision: str = "fp32",
-                    csv_path: str | Path | None = None, progress: bool | None = False,
-                    log: Callable[[str], None] | None = None, path: str | Path = ".",
-                    stock: bool = False) -> FastaiLearner:
-    """The package's Learner training `head` (every parameter trainable) on feature DataLoaders, with learning
-    curves and `precision` (see train.learner.setup_learner); with `stock` fastai's own Learner (its stock loop,
-    for comparisons: train.loop.learner_class)."""
-    from ..train.learner import setup_learner
-    from ..train.loop import learner_class
-
+                    wd: float | None = None, metrics: Any = None, path: str | Path = ".", stock: bool = False,
+                    **kwargs: Any) -> FastaiLearner:
+    """The package's Learner training `head` (every parameter trainable) on feature DataLoaders, set up by
+    train.learner.setup_learner (`kwargs`: precision, curves CSV, output; quiet by default); with `stock` fastai's own
+    Learner (its stock loop, for comparisons: train.loop.learner_class)."""
     for p in head.parameters():
         p.requires_grad_(True)
     learn = learner_class(stock)(dls, head, loss_func=loss_func, opt_func=opt_func, lr=lr, wd=wd, metrics=metrics,
                                  path=path)
-    return setup_learner(learn, precision, csv_path, name="precomputed", progress=progress, log=log)
+    return setup_learner(learn, name="precomputed", **{"progress": False, "log": None, **kwargs})
 
 
 @dataclass
