@@ -6,10 +6,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .core.checks import check_names
 from .report import Section, write_report
 from .core.runs import new_run_dir, write_json
 
 PARTS = ("layers", "mnist", "transfer", "rf")
+PART0_TRAINS = ("Part 0 ends with what a first convolution learns, drawn from a trained network: Part I does not "
+                "run, so after the tables its small CNN is trained here for 2 epochs on the embedded digits (a few "
+                "seconds; `--parts layers,mnist` shows Part I's own)")
 
 
 def layers_sections(run: Path, review: dict) -> list[Section]:
@@ -71,7 +75,8 @@ def transfer_section(run: Path, folder: dict) -> Section:
     rel = lambda p: str(Path(p).relative_to(run))  # noqa: E731
     modes = [dict(mode=m, weights=r["weights"].split(" (sha256")[0], trainable_params=r["trainable_params"],
                   params=r["params"], sec_per_epoch=r["sec_per_epoch"],
-                  best_valid_accuracy=r["best_valid_accuracy"]) for m, r in folder["modes"].items()]
+                  best_valid_accuracy=r["best_valid_accuracy"], best_epoch=r["best_epoch"])
+             for m, r in folder["modes"].items()]
     return Section(
         "Part II: transfer learning, scratch vs fine-tune vs frozen",
         [f"**Where the weights came from: {folder['weights']}.** "
@@ -80,11 +85,15 @@ def transfer_section(run: Path, folder: dict) -> Section:
             "`--pretrained` online or `--weights PATH` (a state dict or safetensors file) for a real transfer."
             if folder["weights"] == "random init" else ""),
          f"Data: {folder['data']['source']}, {folder['size']} px, {folder['epochs']} epochs per mode, "
-         f"device {folder['device_name']}, precision {folder['precision']}."],
-        [(modes, ("mode", "weights", "trainable_params", "params", "sec_per_epoch", "best_valid_accuracy"))],
+         f"device {folder['device_name']}, precision {folder['precision']}.",
+         f"Exported (model.pkl) and shown in the predictions: {folder['best_mode']}, epoch "
+         f"{folder['modes'][folder['best_mode']]['best_epoch']}, by the rule: {folder['exported']}."],
+        [(modes, ("mode", "weights", "trainable_params", "params", "sec_per_epoch", "best_valid_accuracy",
+                  "best_epoch"))],
         [(rel(Path(folder["run_dir"]) / "show_batch.png"), "An augmented training batch"),
          (rel(Path(folder["run_dir"]) / "comparison.png"), f"The three modes ({folder['arch']}): loss and accuracy"),
-         (rel(Path(folder["run_dir"]) / "predictions.png"), f"Predictions of the best mode ({folder['best_mode']})")],
+         (rel(Path(folder["run_dir"]) / "predictions.png"),
+          f"Predictions of the exported model ({folder['best_mode']}, its best epoch)")],
     )
 
 
@@ -160,9 +169,7 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
     keywords for `label_efficiency` (e.g. arch, epochs, cache_dir). Part III maps `rf_arch` at `rf_size` px.
     `mirror`: a base address holding the archives of the downloaded sources (see download.py).
     """
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
+    parts = check_names(parts, PARTS, "part")
     if weights is not False and weights is not True:
         from .transfer.weights import weights_path
 
@@ -176,6 +183,8 @@ def run_practical(parts: Sequence[str] = PARTS, mnist: str = "sample", mnist_epo
         from .review.run import layers_review
 
         log("== Part 0: layers, shapes and weights; VGG and ResNet ==")
+        if "mnist" not in parts:
+            log(PART0_TRAINS)
         t = time.perf_counter()
         review = layers_review(run / "part0_layers", log=log)
         timings["layers"] = time.perf_counter() - t

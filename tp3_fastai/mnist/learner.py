@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
 from fastai.data.core import DataLoaders
 from fastai.metrics import accuracy
+from fastai.torch_core import set_seed
 from torch import nn
 
 from ..train.learner import CrossEntropy, setup_learner
@@ -14,13 +16,25 @@ from ..train.optimizer import default_opt_func
 from .models import create_model
 
 
+def seed_training(dls: DataLoaders, seed: int) -> None:
+    """Seed everything a training run draws from: the initialisation, dropout and augmentation (torch, numpy and
+    Python's generators, fastai's `set_seed`) and the batch order of in-memory loaders (their own generator)."""
+    set_seed(seed, reproducible=True)
+    for dl in dls.loaders:
+        if isinstance(getattr(dl, "gen", None), torch.Generator):
+            dl.gen.manual_seed(seed)
+
+
 def mnist_learner(dls: DataLoaders, arch: str | nn.Module = "cnn", lr: float = 1e-3, precision: str = "fp32",
                   csv_path: str | Path | None = None, opt_func: Callable | None = None, progress: bool | None = None,
-                  log: Callable[[str], None] | None = print, path: str | Path = ".") -> Learner:
+                  log: Callable[[str], None] | None = print, path: str | Path = ".", seed: int | None = None) -> Learner:
     """A Learner (cross-entropy, accuracy, the package's optimiser unless `opt_func`: see
-    optimizer.default_opt_func) for an MNIST model, recording curves."""
+    optimizer.default_opt_func) for an MNIST model, recording curves. `seed`: the run is reproducible from here
+    (see seed_training; the model is built after it), so the same seeds give the same accuracy again."""
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
+    if seed is not None:
+        seed_training(dls, seed)
     model = create_model(arch) if isinstance(arch, str) else arch
     learn = Learner(dls, model, loss_func=CrossEntropy(), opt_func=opt_func or default_opt_func(dls.device),
                     lr=lr, metrics=accuracy, path=path)

@@ -14,10 +14,10 @@ from ..train.curves import plot_curves, read_curves
 from ..data.mnist import DEFAULT_CACHE, TensorLoader, load_mnist, mnist_dls, mnist_source
 from ..core.device import env_info, pick_device, resolve_precision
 from ..train.distributed import LaunchConfig, digest, distributed_context, gather_object, join_launch, main_only, rank
-from ..train.experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
-                                resume_unit)
+from ..train.experiment import (RunContext, distributed_summary, launch_note, no_log, on_rank_zero, open_run,
+                                resume_config, resume_unit)
 from .learner import mnist_learner
-from ..core.checks import check_name
+from ..core.checks import check_names
 from ..train.learner import count_params
 from .models import MODELS
 from ..train.optimizer import OPTIMIZER_NAME
@@ -29,11 +29,9 @@ RESUME_KEYS = ("source", "archs", "epochs", "bs", "lr", "seed")  # what a run fo
 
 def check_mnist_plan(archs: Sequence[str], epochs: int, bs: int, lr: float) -> list[str]:
     """The models to train, each known, with a positive schedule; raises ValueError before any work otherwise."""
-    archs = list(dict.fromkeys(archs))
     if not archs:
         raise ValueError(f"no MNIST architecture given: choose from {', '.join(MODELS)}")
-    for a in archs:
-        check_name(a, list(MODELS), "MNIST architecture")
+    archs = check_names(archs, list(MODELS), "MNIST architecture")
     if epochs <= 0 or bs <= 0 or lr <= 0:
         raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
     return archs
@@ -42,7 +40,7 @@ def check_mnist_plan(archs: Sequence[str], epochs: int, bs: int, lr: float) -> l
 def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "cnn"), epochs: int = 10,
                 bs: int = 64, lr: float = 3e-3, seed: int = 42, device: str = "auto", precision: str = "auto",
                 out: str | Path = "runs/mnist", overwrite: bool = False, progress: bool | None = None,
-                resume: str | Path | None = None, log: Callable[[str], None] = print,
+                resume: str | Path | None = None, log: Callable[[str], None] | None = print,
                 launch: LaunchConfig | None = None, cache_dir: str | Path = DEFAULT_CACHE,
                 mirror: str | None = None) -> dict:
     """Train each MNIST model with `fit_one_cycle`; write metrics CSVs, curves.png, config.json and summary.json.
@@ -64,7 +62,7 @@ def train_mnist(source: str | Path = "sample", archs: Sequence[str] = ("mlp", "c
     archs = check_mnist_plan(archs, epochs, bs, lr)
     dev, main, world = join_launch(bs, pick_device(device), launch)
     prec = resolve_precision(precision, dev)
-    log = main_only(log)
+    log = main_only(log or no_log)
     t0 = time.perf_counter()
     dls, test_dl = mnist_data(source, seed, bs, dev, cache_dir, mirror, main, log)
     ctx = RunContext(open_run(out, overwrite, resume, main), dev, prec, main, world, progress, log)

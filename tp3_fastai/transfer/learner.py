@@ -2,11 +2,13 @@
 of training it: from scratch, fine-tuned or with a frozen body (`set_mode`, `train_mode`)."""
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / fine_tune)
+import numpy as np
 import timm
 import torch
 from fastai.callback.core import Callback, CancelEpochException
@@ -18,7 +20,7 @@ from fastai.metrics import accuracy
 from fastai.vision.learner import vision_learner
 from torch import nn
 
-from ..core.checks import check_name
+from ..core.checks import check_name, check_names
 from ..train.learner import count_params, setup_learner
 from ..train.optimizer import default_opt_func
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
@@ -33,7 +35,8 @@ def check_arch(arch: str) -> None:
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch must be a timm model name such as 'resnet50', got {arch!r}")
     if not timm.is_model(arch):
-        check_name(arch, timm.list_models(), "timm architecture")
+        check_name(arch, timm.list_models(), "timm architecture",
+                   hint="timm.list_models('resnet*') lists the names that match a pattern.")
 
 
 def _feature_error(features: Callable[[torch.Tensor], torch.Tensor], size: int, n_in: int) -> str | None:
@@ -50,11 +53,9 @@ def check_plan(modes: Sequence[str], allowed: Sequence[str], what: str, arch: st
                lr: float, freeze_epochs: int) -> list[str]:
     """The modes to run (repeats dropped), each known, with a trainable architecture and a positive schedule in
     which fine_tune has both phases; raises ValueError before any work otherwise."""
-    modes = list(dict.fromkeys(modes))
     if not modes:
         raise ValueError(f"no {what}s given: choose from {', '.join(allowed)}")
-    for m in modes:
-        check_name(m, allowed, what)
+    modes = check_names(modes, allowed, what)
     check_arch(arch)
     if epochs <= 0 or bs <= 0 or lr <= 0:
         raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
@@ -106,6 +107,25 @@ def check_image_size(model: nn.Module | str, size: int, n_in: int = 3) -> None:
                      f"(--size {hi}) or larger, or choose an architecture that downsamples less")
 
 
+def input_size(dls: DataLoaders) -> int | None:
+    """The side of the images `dls` gives (the smaller side of non-square ones): from the tensors of an in-memory
+    loader, else from one validation batch, drawn with every global random state put back as it was (a check
+    must not change the run); None when there is no image batch to look at."""
+    dl = dls.valid if len(getattr(dls, "loaders", [])) > 1 else dls.train
+    x = getattr(dl, "x", None)
+    if not isinstance(x, torch.Tensor):
+        state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                x = dl.one_batch()[0]
+        except (StopIteration, IndexError):  # an empty split
+            return None
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
+    return int(min(x.shape[-2:])) if isinstance(x, torch.Tensor) and x.dim() >= 4 else None
+
+
 def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: WeightsArg = False, n_in: int = 3,
                    precision: str = "fp32", channels_last: bool | None = None, train_bn: bool = True,
                    csv_path: str | Path | None = None, progress: bool | None = None,
@@ -117,8 +137,10 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with
     weights_only). Normalisation is left to the DataLoaders (see image_data.folder_dls); with hub weights, a fastai
     Normalize in them must use the pretrained configuration's statistics (weights.normalization). The learner records
-    `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). With
-    `size` (the DataLoaders' image side) the body is checked to accept it (check_image_size) before anything trains.
+    `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). The body is
+    checked to accept the DataLoaders' images (check_image_size, as the command line does; their side is `size` or
+    read from the DataLoaders, see input_size): images too small for `arch` raise a ValueError naming the smallest
+    size, before anything trains.
     Optimiser: optimizer.default_opt_func; `channels_last` None: on CUDA (device.resolve_channels_last).
     """
     check_arch(arch)
@@ -134,6 +156,7 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     learn = vision_learner(dls, arch, normalize=False, pretrained=False, n_in=n_in, loss_func=CrossEntropyLossFlat(),
                            metrics=accuracy, lr=lr, path=path, train_bn=train_bn,
                            opt_func=default_opt_func(dls.device))
+    size = input_size(dls) if size is None else size
     if size is not None:
         check_image_size(learn.model[0], size, n_in)
     body = learn.model[0].model

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,14 +17,12 @@ from fastai.learner import Learner
 from fastai.torch_core import set_seed
 
 from ..core.device import env_info, pick_device, resolve_precision
-from ..data.images import DEFAULT_CACHE
 from ..train.optimizer import OPTIMIZER_NAME
 from ..core.runs import read_json, write_json
 from ..data.tasks import SourceTask, load_tasks, prepare, tensor_dls
 from .learner import check_arch, resnet_learner
-from .weights import file_sha256
+from .weights import BODY_CACHE, file_sha256
 
-BODY_CACHE = DEFAULT_CACHE / "bodies"
 # Measured here at k=10 labels per class (3-5 seeds, 20 epochs): resnet10t's body reached source accuracy 0.986
 # and fine-tune 0.830 vs scratch 0.685; resnet18's 0.982 and 0.784 vs 0.61, at about twice the time per step.
 DEFAULT_ARCH = "resnet10t"
@@ -186,6 +185,26 @@ def pretrained_body(arch: str = DEFAULT_ARCH, size: int = 32, n_in: int = 1, epo
         log(f"source accuracy {info['source_accuracy']:.4f} on {info['source']['n_test']} held-out images, "
             f"{info['seconds']:.1f}s")
     return path, dict(info, cached=False, path=str(path))
+
+
+def body_destination(dest: str | Path) -> Path:
+    """`dest` as a body file name, refused unless it ends in .safetensors (checked before any training)."""
+    dest = Path(dest).expanduser()
+    if dest.suffix != ".safetensors":
+        raise ValueError(f"{dest}: a body is written as .safetensors, name the file so (e.g. body.safetensors)")
+    return dest
+
+
+def copy_body(path: str | Path, dest: str | Path) -> Path:
+    """Copy a body and its JSON sidecar to `dest` (a .safetensors file; its sidecar beside it, same stem), checked
+    against the sidecar's sha256: one named file to pass as weights, offline (`pretrained=dest`, `--weights dest`)."""
+    path, dest = Path(path), body_destination(dest)
+    info = read_body_info(path)  # the bytes are those the sidecar describes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.resolve() != path.resolve():
+        shutil.copyfile(path, dest)
+    _ordinary_mode(write_json(dest.with_suffix(".json"), dict(info, file=dest.name)))
+    return dest
 
 
 def describe_body(info: dict[str, Any]) -> str:
