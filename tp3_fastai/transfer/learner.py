@@ -109,21 +109,28 @@ def check_image_size(model: nn.Module | str, size: int, n_in: int = 3) -> None:
 
 def input_size(dls: DataLoaders) -> int | None:
     """The side of the images `dls` gives (the smaller side of non-square ones): from the tensors of an in-memory
-    loader, else from one validation batch, drawn with every global random state put back as it was (a check
-    must not change the run); None when there is no image batch to look at."""
-    dl = dls.valid if len(getattr(dls, "loaders", [])) > 1 else dls.train
-    x = getattr(dl, "x", None)
-    if not isinstance(x, torch.Tensor):
-        state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                x = dl.one_batch()[0]
-        except (StopIteration, IndexError):  # an empty split
-            return None
-        finally:
-            random.setstate(state[0])
-            np.random.set_state(state[1])
-    return int(min(x.shape[-2:])) if isinstance(x, torch.Tensor) and x.dim() >= 4 else None
+    loader, else from one batch (validation first), drawn with every global random state put back as it was (a
+    check must not change the run); None when no loader shows an image batch without being consumed (a stream)."""
+    for dl in reversed(list(getattr(dls, "loaders", [])[:2])):
+        x = getattr(dl, "x", None)
+        if not isinstance(x, torch.Tensor) and callable(getattr(dl, "one_batch", None)):
+            own = getattr(dl, "rng", None)  # a fastai loader's shuffling generator, drawn from at every iteration
+            own = own if isinstance(own, random.Random) else None
+            state = random.getstate(), np.random.get_state(), own.getstate() if own is not None else None
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    x = dl.one_batch()[0]
+            except (StopIteration, IndexError):  # an empty split
+                continue
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+                if own is not None:
+                    dl.rng = own
+                    own.setstate(state[2])
+        if isinstance(x, torch.Tensor) and x.dim() >= 4:
+            return int(min(x.shape[-2:]))
+    return None
 
 
 def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: WeightsArg = False, n_in: int = 3,
