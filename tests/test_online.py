@@ -255,6 +255,24 @@ def test_a_dropped_connection_leaves_nothing_and_the_next_call_completes(mirror,
     assert splits.sizes() == {"train": 100, "valid": 20, "test": 120} and mirror.requests["/mnist_png.tgz"] == 2
 
 
+def test_a_silent_mirror_is_said_in_seconds_and_leaves_nothing(tmp_path):
+    import time
+
+    server = socket.socket()  # accepts connections (the kernel does), never answers: a black hole on 127.0.0.1
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    mirror = f"http://127.0.0.1:{server.getsockname()[1]}"
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(DownloadError, match=rf"could not download MNIST from {mirror}/mnist_png.tgz "
+                                                r"\(ConnectionError: no answer within 3 s\); nothing was kept"):
+            load_mnist("full", cache_dir=tmp_path / "cache", mirror=mirror)
+    finally:
+        server.close()
+    assert time.perf_counter() - t0 < 5  # the download's own timeout would wait 60 s
+    assert _leftovers(tmp_path / "cache") == []
+
+
 def test_a_failed_download_on_rank_0_stops_every_rank_of_a_launch(tmp_path):
     # torchrun, 2 processes (gloo): rank 0 downloads while rank 1 waits; a refused mirror must stop both with the
     # error, rank 1 too, instead of leaving it waiting for rank 0 until the launcher kills it
