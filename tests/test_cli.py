@@ -272,3 +272,15 @@ def test_a_python_session_starts_without_fastais_torch_jit_warning():
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert p.returncode == 0 and "torch.jit.script" not in p.stderr
     assert "FutureWarning: still shown" in p.stderr  # only that one warning is silenced
+
+
+def test_an_error_reaches_the_terminal_as_plain_text(capsys):
+    from tp3_fastai.cli import run_guarded
+
+    def fails():
+        raise ValueError("weights_only load failed: \x1b[1mdo those steps only if you trust it\x1b[0m. Save it")
+
+    with pytest.raises(SystemExit) as e:
+        run_guarded(fails)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: weights_only load failed: do those steps only if you trust it. Save it\n"

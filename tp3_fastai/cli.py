@@ -13,9 +13,11 @@ from typing import Any, Callable
 from fastcore.script import anno_parser, call_parse
 
 def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line on stderr and exit 2.
+    """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line of plain text on stderr
+    and exit 2.
     Launched on several processes, each leaves the process group when `fn` ends: after the others on success
     (distributed.close_distributed), at once on failure."""
+    from .core.checks import plain_text
     from .train.distributed import close_distributed
     from .data.download import DownloadError
 
@@ -23,7 +25,7 @@ def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, DownloadError) as e:
         close_distributed(wait=False)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain_text(str(e))}", file=sys.stderr)  # no terminal codes (torch's bold) in a log
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         close_distributed(wait=False)
