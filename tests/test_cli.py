@@ -253,6 +253,9 @@ def test_every_unknown_name_of_a_comma_list_is_refused_at_once(tmp_path, capsys)
         "Known: scratch, finetune, frozen.")
     _exits(2, "mnist", "--archs", "cnn,mpl", "--out", str(tmp_path / "r"))
     assert "unknown MNIST architecture 'mpl'. Did you mean: mlp?" in capsys.readouterr().err
+    _exits(2, "bench-mnist", "--archs", "mlp,cnm", "--out", str(tmp_path / "b.json"))  # before mlp is timed
+    out, err = capsys.readouterr()
+    assert "unknown MNIST architecture 'cnm'. Did you mean: cnn?" in err and "ratio" not in out
     assert not (tmp_path / "r").exists()
 
 

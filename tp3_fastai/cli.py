@@ -100,10 +100,13 @@ def bench_mnist(
 ):
     "Seconds per MNIST epoch: the package's fastai Learner next to a plain PyTorch loop, as a ratio."
     from .bench import bench_mnist_loop
+    from .core.checks import check_names
     from .core.runs import write_json
+    from .mnist.models import MODELS
 
+    names = run_guarded(check_names, names=split_list(archs), known=list(MODELS), what="MNIST architecture")
     results = [run_guarded(bench_mnist_loop, arch=a, epochs=epochs, repeats=repeats, bs=bs, device=device)
-               for a in split_list(archs)]
+               for a in names]  # every name checked before the first one is timed
     if out:
         write_json(out, results)
 
