@@ -1,5 +1,5 @@
 """Part III: the receptive field (R, J, start) of every node of a model, optionally measured, mapped and drawn."""
-from tp3_fastai.cli import rf as main
+from tp3_fastai.cli import rf as main, run_script
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -1,5 +1,5 @@
 """The main job: the whole practical on the embedded data, written to one report folder. `--help` lists options."""
-from tp3_fastai.cli import run
+from tp3_fastai.cli import run, run_script
 
 if __name__ == "__main__":
-    run()
+    run_script(run)

@@ -1,5 +1,5 @@
 """Part I: the perceptron and the small CNN trained from scratch on MNIST. `--help` lists the options."""
-from tp3_fastai.cli import mnist
+from tp3_fastai.cli import mnist, run_script
 
 if __name__ == "__main__":
-    mnist()
+    run_script(mnist)

@@ -214,3 +214,76 @@ def test_finetune_memory_format_channels_last_trains_in_that_memory_format(cache
     kernels = [w for w in trained["model"].values() if w.dim() == 4 and w.shape[2:] != (1, 1)]
     assert kernels and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
                            for w in kernels)
+
+
+# ---------------------------------------------------------------- options and names: refused, never guessed
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--epoch", "1"], "unknown option '--epoch'. Did you mean: --epochs? `tp3 finetune --help` lists them."),
+    (["mnist", "--arch", "cnn"], "unknown option '--arch'. Did you mean: --archs?"),
+    (["finetune", "--mode", "scratch", "--bogus=3"], "unknown options '--mode' (did you mean: --modes?), '--bogus'."),
+])
+def test_an_abbreviated_or_unknown_flag_is_refused_with_the_close_names(argv, message, tmp_path, capsys):
+    _exits(2, *argv, "--out", str(tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert f"tp3 {argv[0]}: error: {message}" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_scripts_parse_as_tp3_does(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "finetune.py"), "--epoch", "1", "--out",
+                        str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 2 and "finetune.py: error: unknown option '--epoch'. Did you mean: --epochs?" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_architecture_typo_names_close_names_only(tmp_path, capsys):
+    _exits(2, "finetune", "--arch", "resnet-50", "--out", str(tmp_path / "r"))
+    err = capsys.readouterr().err.strip()
+    close = re.search(r"Did you mean: (.*)\?", err).group(1).split(", ")
+    assert close[0] == "resnet50" and all(c.startswith("resnet5") for c in close), err
+    assert "Known:" not in err and "timm.list_models('resnet*')" in err and "\n" not in err
+
+
+def test_every_unknown_name_of_a_comma_list_is_refused_at_once(tmp_path, capsys):
+    _exits(2, "finetune", "--modes", "scratch,scrach,frozn", "--out", str(tmp_path / "r"))
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown training modes 'scrach' (did you mean: scratch?), 'frozn' (did you mean: frozen?). "
+        "Known: scratch, finetune, frozen.")
+    _exits(2, "mnist", "--archs", "cnn,mpl", "--out", str(tmp_path / "r"))
+    assert "unknown MNIST architecture 'mpl'. Did you mean: mlp?" in capsys.readouterr().err
+    _exits(2, "bench-mnist", "--archs", "mlp,cnm", "--out", str(tmp_path / "b.json"))  # before mlp is timed
+    out, err = capsys.readouterr()
+    assert "unknown MNIST architecture 'cnm'. Did you mean: cnn?" in err and "ratio" not in out
+    assert not (tmp_path / "r").exists()
+
+
+def test_rf_refuses_a_mixed_layers_list_naming_the_unknown_one(tmp_path, capsys):
+    _exits(2, "rf", "--arch", "timm:resnet18", "--input-shape", "1,3,64,64", "--layers", "max_pool,layer1.0",
+           "--out", str(tmp_path / "r"))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown node or module name 'max_pool'. Did you mean: maxpool") and "\n" not in err
+    _exits(2, "rf", "--arch", "cnn", "--layers", "pool1,conv?,poool2,fc9", "--out", str(tmp_path / "r"))
+    assert "unknown node or module names 'poool2' (did you mean: pool2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_python_session_starts_without_fastais_torch_jit_warning():
+    code = "import warnings; import tp3_fastai.transfer.learner; warnings.warn('still shown', FutureWarning)"
+    p = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert p.returncode == 0 and "torch.jit.script" not in p.stderr
+    assert "FutureWarning: still shown" in p.stderr  # only that one warning is silenced
+
+
+def test_an_error_reaches_the_terminal_as_plain_text(capsys):
+    from tp3_fastai.cli import run_guarded
+
+    def fails():
+        raise ValueError("weights_only load failed: \x1b[1mdo those steps only if you trust it\x1b[0m. Save it")
+
+    with pytest.raises(SystemExit) as e:
+        run_guarded(fails)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: weights_only load failed: do those steps only if you trust it. Save it\n"

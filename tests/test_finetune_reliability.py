@@ -65,6 +65,10 @@ def _restored(records: list[dict], checkpoint: dict) -> None:
     assert_same_state(resumed["opt"], checkpoint["opt"]["state"], "optimizer")
 
 
+def _files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
 def _epochs(path: Path) -> list[int]:
     with open(path, newline="") as f:
         return [int(r["epoch"]) for r in csv.DictReader(f)]
@@ -90,9 +94,12 @@ def test_ctrl_c_then_resume_keeps_finished_modes_and_continues_the_head_only_pha
                             log=log, **FAST)
     assert any(f"--resume {out}" in line for line in log.lines)
     assert (out / "checkpoints" / "scratch" / "result.json").is_file() and not (out / "summary.json").exists()
+    # the finished mode keeps its best epoch's weights alone; the interrupted one what resume needs besides
+    assert _files(out / "checkpoints" / "scratch") == ["best.pth", "result.json"]
+    assert _files(out / "checkpoints" / "finetune") == ["best.pth", "last.pth"]
     # interrupted after epoch 2's CSV row, before its checkpoint: epoch 1 is the last saved
     saved = torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)
-    assert saved["epoch"] == 1
+    assert saved["epoch"] == 1 and saved["opt"]["state"]
     assert _epochs(out / "metrics_finetune.csv") == [1, 2]
     lines = []
     with installed(FirstStepState) as records:
@@ -106,7 +113,10 @@ def test_ctrl_c_then_resume_keeps_finished_modes_and_continues_the_head_only_pha
         assert _epochs(out / f"metrics_{mode}.csv") == [1, 2, 3, 4]
         assert s["modes"][mode]["epochs"] == 4 and s["modes"][mode]["best_epoch"] in (1, 2, 3, 4)
     assert (out / "model.pkl").is_file() and (out / "summary.json").is_file()
-    assert torch.load(out / "checkpoints" / "finetune" / "last.pth", weights_only=True)["epoch"] == 4
+    for mode in ("scratch", "finetune"):  # done: the optimiser state is gone, the best epoch's weights stay
+        assert _files(out / "checkpoints" / mode) == ["best.pth", "result.json"]
+        best = torch.load(out / "checkpoints" / mode / "best.pth", weights_only=True)
+        assert best["opt"] is None and best["epoch"] == s["modes"][mode]["best_epoch"]
     _continued(read_curves(out / "metrics_finetune.csv")[1], uninterrupted(2)[1])
 
 
@@ -160,7 +170,8 @@ def test_sigkill_mid_finetune_then_resume_through_the_script_completes_every_epo
     s = json.loads((out / "summary.json").read_text())
     assert set(s["modes"]) == {"finetune"} and s["modes"]["finetune"]["epochs"] == 4
     assert s["resumed"] == {"finetune": start} and (out / "model.pkl").is_file()
-    assert torch.load(last, weights_only=True)["epoch"] == 4
+    assert not last.exists()  # done: resume's file is removed, the best epoch's weights stay
+    assert torch.load(last.with_name("best.pth"), weights_only=True)["epoch"] == s["modes"]["finetune"]["best_epoch"]
     _continued(read_curves(out / "metrics_finetune.csv")[start], uninterrupted(1)[start])
 
 
@@ -196,3 +207,113 @@ def test_non_positive_size_is_refused_and_resnets_take_any_size(tmp_path):
         with pytest.raises(ValueError, match="image size must be a positive number of pixels"):
             finetune_experiment(arch=ARCH, size=size, out=tmp_path / "run", cache_dir=tmp_path)
     check_image_size("resnet18", 8)  # padding keeps a 1x1 feature map: no minimum
+
+
+# ---------------------------------------------------------------- what a finished run keeps, and what it exports
+
+@pytest.fixture(scope="module")
+def finished(cache, tmp_path_factory):
+    """Three modes, 3 epochs each (default augmentation): the run folder, its summary and its log. Measured here
+    (seed 42): scratch peaks at epoch 1 (valid accuracy 0.88, final 0.62), finetune at epoch 1, frozen at 3."""
+    lines: list[str] = []
+    s = finetune_experiment(modes=["scratch", "finetune", "frozen"], epochs=3, cache_dir=cache,
+                            out=tmp_path_factory.mktemp("finished") / "r", log=lines.append,
+                            **dict(FAST, aug="default"))
+    return Path(s["run_dir"]), s, lines
+
+
+def _weights_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def test_a_finished_run_keeps_each_modes_best_weights_without_optimiser_state(finished):
+    from tp3_fastai.core.runs import folder_size, human_bytes
+
+    run, s, lines = finished
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["finetune", "frozen", "scratch"]
+    for mode in ("scratch", "finetune", "frozen"):
+        assert _files(checkpoints / mode) == ["best.pth", "result.json"]  # no last.pth, no temporary file
+        best = torch.load(checkpoints / mode / "best.pth", weights_only=True)
+        assert best["opt"] is None and best["epoch"] == s["modes"][mode]["best_epoch"]
+        size, weights = (checkpoints / mode / "best.pth").stat().st_size, _weights_bytes(best["model"])
+        assert weights <= size <= 1.05 * weights + 64 * 1024, (size, weights)  # the weights and little else
+    said = next(one for line in lines for one in line.splitlines() if one.startswith("run folder:"))
+    assert said == (f"run folder: {run} ({human_bytes(folder_size(run))}; checkpoints "
+                    f"{human_bytes(folder_size(checkpoints))}, best epoch's weights per mode)")
+
+
+def test_the_export_is_the_best_epoch_of_the_mode_whose_best_epoch_is_best(finished):
+    from tp3_fastai.transfer.finetune import EXPORT_RULE, load_model
+
+    run, s, lines = finished
+    modes = s["modes"]
+    want = max(modes, key=lambda m: (modes[m]["best_valid_accuracy"], -modes[m]["best_valid_loss"]))
+    best = modes[want]
+    assert s["best_mode"] == want and s["best_epoch"] == best["best_epoch"] and s["exported"] == EXPORT_RULE
+    # the case the rule is about: the exported epoch is not the mode's last one, nor the best final accuracy's mode
+    assert best["best_epoch"] < 3 and best["final_valid_accuracy"] < best["best_valid_accuracy"]
+    # model.pkl holds exactly that epoch's weights, and its validation accuracy is the one in the table
+    exported = load_model(run / "model.pkl").model.state_dict()
+    saved = torch.load(run / "checkpoints" / want / "best.pth", weights_only=True)["model"]
+    assert_same_state(exported, saved, "model.pkl")
+    matrix = torch.tensor(s["confusion_matrix"]["matrix"])
+    assert s["confusion_matrix"]["mode"] == want
+    assert float(matrix.trace() / matrix.sum()) == pytest.approx(best["best_valid_accuracy"], abs=1e-6)
+    # said in the log, the table (exported column) and summary.md
+    rule = f"exported: {want}, epoch {best['best_epoch']} of 3"
+    assert any(one.startswith(rule) and EXPORT_RULE in one for line in lines for one in line.splitlines())
+    md = (run / "summary.md").read_text()
+    assert "| exported |" in md and f"| model.pkl (epoch {best['best_epoch']}) |" in md and rule in md
+    assert md.count("model.pkl (epoch") == 1
+
+
+def test_no_checkpoints_writes_none_exports_the_same_model_and_cannot_resume(finished, cache, tmp_path, capsys):
+    from tp3_fastai.transfer.finetune import load_model
+
+    run, s, _ = finished
+    out = tmp_path / "r"
+    tp3(["finetune", "--arch", ARCH, "--size", "32", "--bs", "32", "--epochs", "3", "--device", "cpu",
+         "--cache-dir", str(cache), "--out", str(out), "--no-checkpoints"])
+    assert not (out / "checkpoints").exists() and (out / "model.pkl").is_file()
+    assert "no checkpoints)" in capsys.readouterr().out
+    again = json.loads((out / "summary.json").read_text())
+    assert again["best_mode"] == s["best_mode"] and again["best_epoch"] == s["best_epoch"]
+    assert_same_state(load_model(out / "model.pkl").model.state_dict(),
+                      load_model(run / "model.pkl").model.state_dict(), "model.pkl")  # kept in memory instead
+    with pytest.raises(SystemExit) as e:
+        tp3(["finetune", "--resume", str(out)])
+    assert e.value.code == 2 and "without checkpoints (--no-checkpoints)" in capsys.readouterr().err
+
+
+def test_a_kill_between_last_and_best_leaves_best_pth_right_after_resume(tmp_path):
+    from tp3_fastai.train.checkpoint import atomic_torch_save, settle_best
+
+    folder = tmp_path / "ck"
+    atomic_torch_save({"model": {"w": torch.ones(2)}, "opt": None, "epoch": 1, "metric": 0.5}, folder / "best.pth")
+    atomic_torch_save({"model": {"w": torch.full((2,), 3.0)}, "opt": {"state": {}}, "epoch": 3, "metric": 0.9},
+                      folder / "last.pth")
+    assert not settle_best(folder, start=3, best_epoch=1)  # epoch 3 was no improvement: best.pth is right
+    assert settle_best(folder, start=3, best_epoch=3)  # it was, and the kill came before best.pth was written
+    best = torch.load(folder / "best.pth", weights_only=True)
+    assert best["epoch"] == 3 and best["opt"] is None and torch.equal(best["model"]["w"], torch.full((2,), 3.0))
+    assert not settle_best(folder, start=3, best_epoch=3)  # once
+
+
+def test_the_learner_reads_the_image_size_from_the_dataloaders_and_refuses_it_before_training(cache, tmp_path):
+    import random
+
+    import numpy as np
+
+    from tp3_fastai.transfer.learner import input_size
+
+    for pipeline in ("pil", "cached"):
+        dls = image_dls("lfw", size=32, bs=16, cache_dir=cache, pipeline=pipeline)
+        states = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+        assert input_size(dls) == 32
+        after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
+        assert states[0] == after[0] and (states[1] == after[1]).all() and torch.equal(states[2], after[2])
+        with pytest.raises(ValueError, match="32 px is too small for InceptionV3: its body needs images of at least "
+                                             "75 px.*Pass size=75"):
+            resnet_learner(dls, "inception_v3", progress=False, log=None, path=tmp_path)  # no size= given
+    resnet_learner(dls, ARCH, progress=False, log=None, path=tmp_path)  # a ResNet takes 32 px

@@ -232,6 +232,24 @@ def test_a_dropped_connection_leaves_nothing_and_the_next_call_completes(mirror,
     assert splits.sizes() == {"train": 100, "valid": 20, "test": 120} and mirror.requests["/mnist_png.tgz"] == 2
 
 
+def test_a_silent_mirror_is_said_in_seconds_and_leaves_nothing(tmp_path):
+    import time
+
+    server = socket.socket()  # accepts connections (the kernel does), never answers: a black hole on 127.0.0.1
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    mirror = f"http://127.0.0.1:{server.getsockname()[1]}"
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(DownloadError, match=rf"could not download MNIST from {mirror}/mnist_png.tgz "
+                                                r"\(ConnectionError: no answer within 3 s\); nothing was kept"):
+            load_mnist("full", cache_dir=tmp_path / "cache", mirror=mirror)
+    finally:
+        server.close()
+    assert time.perf_counter() - t0 < 5  # the download's own timeout would wait 60 s
+    assert _leftovers(tmp_path / "cache") == []
+
+
 def test_a_failed_download_on_rank_0_stops_every_rank_of_a_launch(tmp_path):
     # torchrun, 2 processes (gloo): rank 0 downloads while rank 1 waits; a refused mirror must stop both with the
     # error, rank 1 too, instead of leaving it waiting for rank 0 until the launcher kills it
@@ -433,18 +451,19 @@ def bad_weights(tmp_path_factory, lfw_cache) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind, error, message", [
-    ("whole model", ValueError, "not a plain PyTorch state dict .*weights_only=True"),
-    ("pickled object", ValueError, "not a plain PyTorch state dict .*weights_only=True"),
-    ("fastai export", ValueError, "not a plain PyTorch state dict .*weights_only=True"),
+    ("whole model", ValueError, "is a pickled object .*ResNet.*weights_only=True refuses"),
+    ("pickled object", ValueError, "is a pickled object .*weights_only=True refuses"),
+    ("fastai export", ValueError, "is a fastai export .*Learner.*weights_only=True refuses"),
     ("another arch", ValueError, "does not match this ResNet body.*same timm architecture"),
     ("missing", FileNotFoundError, "does not exist"),
 ])
 def test_bad_weights_stop_before_the_first_mode_trains(bad_weights, lfw_cache, tmp_path, kind, error, message):
     lines = []
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as e:
         finetune_experiment(arch=ARCH, pretrained=bad_weights[kind], modes=["scratch", "frozen"],
                             out=tmp_path / "run", cache_dir=lfw_cache, log=lines.append, **FAST)
     _no_training(lines, tmp_path / "run")
+    assert "\x1b" not in str(e.value) and "\n" not in str(e.value)  # torch's bold codes are not passed on
 
 
 def test_the_command_line_refuses_a_pickled_model_in_one_line_before_training(bad_weights, tmp_path, capsys):
@@ -455,8 +474,8 @@ def test_the_command_line_refuses_a_pickled_model_in_one_line_before_training(ba
                      device="cpu", cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "run"))
     out, err = capsys.readouterr()
     assert e.value.code == 2 and err.count("\n") == 1, err
-    assert err.startswith(f"error: {bad_weights['whole model']} is not a plain PyTorch state dict")
-    assert "Save `model.state_dict()` instead" in err
+    assert err.startswith(f"error: {bad_weights['whole model']} is a pickled object (timm.models.resnet.ResNet")
+    assert "torch.save(torch.load(" in err and ".state_dict()" in err and "\x1b" not in err
     _no_training(out.splitlines(), tmp_path / "run")
 
 
@@ -471,6 +490,99 @@ def test_offline_pretrained_stops_before_scratch_trains(lfw_cache, tmp_path, mon
         finetune_experiment(arch=ARCH, pretrained=True, modes=["scratch", "frozen"], out=tmp_path / "run",
                             cache_dir=lfw_cache, log=lines.append, **FAST)
     _no_training(lines, tmp_path / "run")
+
+
+@pytest.mark.parametrize("kind", ["whole model", "fastai export"])
+def test_a_pickled_model_is_refused_with_the_one_line_that_makes_it_load(bad_weights, tmp_path, kind):
+    import re
+    import shlex
+
+    from tp3_fastai.transfer.weights import check_weights
+
+    with pytest.raises(ValueError) as e:
+        check_weights(bad_weights[kind], ARCH)
+    line = re.search(r"(python -c .*)$", str(e.value)).group(1)
+    out = re.search(r"then pass (\S+):", str(e.value)).group(1)
+    p = subprocess.run(shlex.split(line), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=offline_guard.guard_env(tmp_path / "guard", dict(os.environ, PYTHONPATH=str(ROOT))))
+    assert p.returncode == 0, p.stderr
+    check_weights(tmp_path / out, ARCH)  # the file it wrote loads
+
+
+def test_a_fastai_learners_whole_model_state_dict_gives_its_body(lfw_cache, tmp_path):
+    from tp3_fastai.transfer.weights import load_body_weights
+
+    dls = image_dls("lfw", size=32, bs=16, cache_dir=lfw_cache)
+    torch.manual_seed(3)
+    learn = resnet_learner(dls, ARCH, progress=False, log=None)
+    torch.save(learn.model.state_dict(), tmp_path / "learner.pth")  # keys 0.model.* (body) and 1.* (head)
+    body = timm.create_model(ARCH, pretrained=False, num_classes=0)
+    info = load_body_weights(body, tmp_path / "learner.pth")
+    assert info["ignored_keys"] == sorted(k for k in learn.model.state_dict() if k.startswith("1."))
+    for k, v in body.state_dict().items():
+        assert torch.equal(v, learn.model[0].model.state_dict()[k]), k
+
+
+# The hub client retries a refused connection for 46 s before it gives up (measured here with the address below,
+# huggingface_hub 2.4): one connection check says it at once. A closed port refuses; a server that accepts and never
+# answers is silence (the check waits PROBE_TIMEOUT, 3 s).
+@pytest.fixture(params=["refused", "silent"])
+def unreachable_hub(request, monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    if request.param == "silent":
+        server.listen(8)  # the kernel completes connections; nobody reads or answers
+    port = server.getsockname()[1]  # "refused": bound, never listening, so connecting is refused
+    monkeypatch.setattr(hf, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "empty_hub"))
+    yield request.param, f"http://127.0.0.1:{port}"
+    server.close()
+
+
+def test_offline_pretrained_is_said_in_seconds_against_an_unreachable_hub(unreachable_hub, lfw_cache, tmp_path):
+    import time
+
+    kind, endpoint = unreachable_hub
+    lines = []
+    t0 = time.perf_counter()
+    with pytest.raises(DownloadError) as e:
+        finetune_experiment(arch=ARCH, pretrained=True, modes=["scratch", "frozen"], out=tmp_path / "run",
+                            cache_dir=lfw_cache, log=lines.append, **FAST)
+    seconds = time.perf_counter() - t0
+    assert seconds < 5, seconds
+    why = "Connection refused" if kind == "refused" else "no answer within 3 s"
+    assert f"hub ({endpoint}) is not reachable (" in str(e.value) and why in str(e.value)
+    assert "does not hold them. Are you offline?" in str(e.value) and "--weights PATH" in str(e.value)
+    _no_training(lines, tmp_path / "run")
+
+
+def test_an_unreachable_hub_still_gives_the_weights_of_the_cache(hf_home, lfw_cache, monkeypatch):
+    import huggingface_hub.constants as hf
+
+    from tp3_fastai.transfer.weights import hub_state_dict
+
+    home, made = hf_home
+    monkeypatch.setattr(hf, "ENDPOINT", "http://127.0.0.1:9")  # refused
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(home / "hub"))
+    sd, hub_id = hub_state_dict("resnet18", 3)
+    assert hub_id == made["resnet18"][1] and hf.HF_HUB_OFFLINE is False  # offline for that read only
+    assert all(torch.equal(v, made["resnet18"][0][k]) for k, v in sd.items())
+
+
+def test_the_command_line_says_an_unreachable_hub_in_one_line_without_retries(lfw_cache, tmp_path):
+    env = offline_guard.guard_env(tmp_path / "guard", dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9",
+                                                           HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1"))
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--arch", ARCH, "--pretrained", "--size", "32",
+           "--device", "cpu", "--cache-dir", str(lfw_cache), "--out", str(tmp_path / "run")]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("error: could not download ImageNet weights for test_resnet") and "Retrying" not in p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_of_a_folder_that_is_not_a_finetune_run_changes_nothing(lfw_cache, tmp_path):

@@ -81,6 +81,6 @@ def test_part_two_runs_the_image_folder_experiment_when_given_images(tmp_path):
 def test_run_command_rejects_a_bad_part_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_all.py"), "--parts", "mnist,transfr",
                         "--out", str(tmp_path / "r")], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown part(s) transfr: choose from "
-                                                                   "layers, mnist, transfer, rf"]
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown part 'transfr'. Did you mean: "
+                                                                   "transfer? Known: layers, mnist, transfer, rf."]
     assert not (tmp_path / "r").exists()

@@ -313,3 +313,46 @@ def test_pretrain_script_prints_the_cached_body(body, capsys):
     _script("pretrain")(arch=ARCH, epochs=PRE_EPOCHS, cache_dir=str(cache))
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == str(path) and "source accuracy" in out[-2] and info["sha256"][:16] in out[-2]
+
+
+def test_pretrain_out_writes_one_named_body_for_weights_offline(body, tmp_path, capsys):
+    path, info, cache = body
+    out = tmp_path / "body.safetensors"
+    _script("pretrain")(arch=ARCH, epochs=PRE_EPOCHS, cache_dir=str(cache), out=str(out))
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == str(out) and f"file {out} (sha256 {info['sha256'][:16]})" in printed[-2]
+    assert out.read_bytes() == path.read_bytes()
+    side = P.read_body_info(out)  # its sidecar beside it, checked against the bytes
+    assert side["file"] == "body.safetensors" and side["sha256"] == info["sha256"] and side["arch"] == ARCH
+    before = sorted(cache.glob("*.safetensors"))
+    with pytest.raises(SystemExit) as e:  # refused before any training (another configuration: not cached)
+        _script("pretrain")(arch=ARCH, epochs=PRE_EPOCHS + 1, cache_dir=str(cache), out=str(tmp_path / "b.pth"))
+    assert e.value.code == 2 and "a body is written as .safetensors" in capsys.readouterr().err
+    assert sorted(cache.glob("*.safetensors")) == before and not (tmp_path / "b.pth").exists()
+
+
+def test_weights_take_the_name_of_a_cached_body(body, tmp_path, monkeypatch):
+    from tp3_fastai.transfer.finetune import finetune_experiment
+    from tp3_fastai.transfer.weights import weights_path
+
+    path, info, cache = body
+    assert weights_path(path.stem, cache) == path == weights_path(path.name, cache)
+    with pytest.raises(FileNotFoundError, match=rf"nor a body of that name in the body cache.*{path.stem}"):
+        weights_path("resnet10t-32px-1ch-0000", cache)
+    # the command line's default cache (~/.cache/tp3_fastai/bodies): a run by the name `tp3 pretrain` printed
+    home = tmp_path / "home"
+    (home / ".cache" / "tp3_fastai" / "bodies").mkdir(parents=True)
+    copied = P.copy_body(path, home / ".cache" / "tp3_fastai" / "bodies" / path.name)
+    monkeypatch.setenv("HOME", str(home))
+    from tp3_fastai.transfer import finetune as F
+
+    titles, plot = [], F.plot_curves
+    monkeypatch.setattr(F, "plot_curves", lambda h, path, title="", **kw: titles.append(title) or plot(h, path, title,
+                                                                                                       **kw))
+    s = finetune_experiment(arch=ARCH, pretrained=path.stem, modes=["frozen"], epochs=1, size=SIZE, bs=16,
+                            aug="none", device="cpu", progress=False, out=tmp_path / "run",
+                            cache_dir=tmp_path / "cache", log=None)
+    assert s["weights"].startswith(f"file: {copied.resolve()} (sha256 {info['sha256'][:16]}")
+    # comparison.png's title names the file, not its whole path, so that it fits the figure
+    (title,) = titles
+    assert title.endswith(f"weights: file {path.name} (sha256 {info['sha256'][:16]})") and str(home) not in title

@@ -80,7 +80,19 @@ def part0(tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setattr("tp3_fastai.transfer.weights.hub_state_dict", offline)
     tmp = tmp_path_factory.mktemp("part0")
     return run_practical(parts=("layers",), weights=True, study_options=dict(cache_dir=tmp / "no_bodies"),
-                         out=tmp / "run", log=lambda s: None)
+                         out=tmp / "run", log=PART0_LOG.append)
+
+
+PART0_LOG: list[str] = []
+
+
+def test_the_layers_part_alone_says_why_it_trains_a_cnn_before_it_does(part0):
+    from tp3_fastai.practical import PART0_TRAINS
+
+    lines = [one for line in PART0_LOG for one in str(line).splitlines()]
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("cnn epoch 1/2"))
+    assert lines.index(PART0_TRAINS) < first_epoch and lines.index(PART0_TRAINS) == 1  # right after the part's title
+    assert "Part I does not run" in PART0_TRAINS and "2 epochs" in PART0_TRAINS
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import inspect
 import os
 import shlex
 import sys
-import warnings
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -14,13 +14,13 @@ from fastcore.script import anno_parser, call_parse
 
 from .core.config import BODY_CACHE, DEFAULT_CACHE
 
-warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-
 
 def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line on stderr and exit 2.
+    """Call `fn`; a user mistake (bad value, missing file, failed download) becomes one line of plain text on stderr
+    and exit 2.
     Launched on several processes, each leaves the process group when `fn` ends: after the others on success
     (distributed.close_distributed), at once on failure."""
+    from .core.checks import plain_text
     from .train.distributed import close_distributed
     from .data.download import DownloadError
 
@@ -28,7 +28,7 @@ def run_guarded(fn: Callable[..., Any], **kwargs: Any) -> Any:
         result = fn(**kwargs)
     except (ValueError, FileNotFoundError, NotADirectoryError, NotImplementedError, DownloadError) as e:
         close_distributed(wait=False)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {plain_text(str(e))}", file=sys.stderr)  # no terminal codes (torch's bold) in a log
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         close_distributed(wait=False)
@@ -110,10 +110,13 @@ def bench_mnist(
 ):
     "Seconds per MNIST epoch: the package's fastai Learner next to a plain PyTorch loop, as a ratio."
     from .bench import bench_mnist_loop
+    from .core.checks import check_names
     from .core.runs import write_json
+    from .mnist.models import MODELS
 
+    names = run_guarded(check_names, names=split_list(archs), known=list(MODELS), what="MNIST architecture")
     results = [run_guarded(bench_mnist_loop, arch=a, epochs=epochs, repeats=repeats, bs=bs, device=device)
-               for a in split_list(archs)]
+               for a in names]  # every name checked before the first one is timed
     if out:
         write_json(out, results)
 
@@ -181,6 +184,7 @@ def finetune(
     train_bn: Annotated[bool, GONE] = False,  # gone: refused with what replaced it
     no_train_bn: Annotated[bool, GONE] = False,  # gone: refused with what replaced it
     deterministic: bool = False,  # cuDNN's deterministic algorithms (slower on a GPU; recorded in config.json)
+    no_checkpoints: bool = False,  # write no checkpoints (no --resume; ResNet50: 103 MB less per mode)
 ):
     "Part II: a timm ResNet from scratch, fine-tuned and with a frozen body on an image folder; one run folder."
     from .core.device import parse_memory_format
@@ -196,7 +200,7 @@ def finetune(
                                 seed=seed, channels_last=parse_memory_format(memory_format), precision=precision,
                                 device=device, out=out, overwrite=overwrite, cache_dir=cache_dir, resume=resume,
                                 mirror=mirror_or_env(mirror), pipeline=pipeline,
-                                deterministic=deterministic)
+                                deterministic=deterministic, checkpoints=not no_checkpoints)
         return finetune_experiment(config)
 
     # Ctrl-C: finetune_experiment has said where the checkpoints are and how to resume; run_guarded exits 130
@@ -237,15 +241,22 @@ def pretrain(
     retrain: bool = False,  # train again even if the cache holds this configuration
     device: str = "auto",  # auto, cpu or cuda
     precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
+    out: str = "",  # also copy the body (and its JSON sidecar) to this .safetensors file, e.g. body.safetensors
 ):
     "Pretrain a body on the source task (or take it from the cache); print what it is and where it lies."
-    from .transfer.pretrain import BodyConfig, describe_body, pretrained_body
+    from .transfer.pretrain import BodyConfig, body_destination, copy_body, describe_body, pretrained_body
 
-    config = BodyConfig(arch=arch, size=size, n_in=n_in, epochs=epochs, lr=lr, bs=bs, seed=seed, source=source,
-                        source_classes=source_classes)
-    path, info = run_guarded(pretrained_body, config=config, cache_dir=cache_dir, retrain=retrain, device=device,
-                             precision=precision)
-    print(describe_body(info))
+    def body():
+        if out:
+            body_destination(out)  # before any training
+        config = BodyConfig(arch=arch, size=size, n_in=n_in, epochs=epochs, lr=lr, bs=bs, seed=seed, source=source,
+                            source_classes=source_classes)
+        path, info = pretrained_body(config=config, cache_dir=cache_dir, retrain=retrain, device=device,
+                                     precision=precision)
+        return (copy_body(path, out) if out else path), info
+
+    path, info = run_guarded(body)
+    print(describe_body(dict(info, path=str(path))))
     print(path)
 
 
@@ -371,8 +382,44 @@ COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetun
                                  "bench": bench_freeze, "bench-mnist": bench_mnist}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Dispatch `tp3 <command> [options]` to the command's function."""
+HIDDEN_OPTIONS = ("--pdb", "--xtra")  # fastcore's anno_parser adds them, hidden from --help
+
+
+def command_parser(func: Callable, prog: str) -> argparse.ArgumentParser:
+    """fastcore's `anno_parser` of a command function, strict: a flag is never taken for an abbreviation of
+    another (argparse reads `allow_abbrev` when it parses, so it can be turned off on the parser fastcore built)."""
+    parser = anno_parser(func, prog=prog)
+    parser.allow_abbrev = False
+    return parser
+
+
+def parse_command(func: Callable, argv: list[str], prog: str) -> dict[str, Any]:
+    """The options of `argv` for `func`; an unknown flag (a typo, an abbreviation) is refused, exit 2, with the
+    close names, like an unknown mode or architecture."""
+    from .core.checks import check_names
+
+    parser = command_parser(func, prog)
+    args, extra = parser.parse_known_args(argv)
+    flags = [a.split("=", 1)[0] for a in extra if a.startswith("-")]
+    if flags:
+        known = [o for action in parser._actions for o in action.option_strings if o not in HIDDEN_OPTIONS]
+        try:
+            check_names(flags, known, "option", hint=f"`{prog} --help` lists them.")
+        except ValueError as e:
+            parser.error(str(e))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return vars(args)
+
+
+def run_script(func: Callable) -> None:
+    """What scripts/<name>.py runs: its command with the script's arguments, parsed as `tp3 <command>` parses them."""
+    name = next(n for n, f in COMMANDS.items() if f is func)
+    main([name, *sys.argv[1:]], prog=Path(sys.argv[0]).name)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Dispatch `tp3 <command> [options]` to the command's function (`prog`: the name shown in usage lines)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         names = "\n".join(f"  {n:<17} {f.__doc__}" for n, f in COMMANDS.items())
@@ -382,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         return
     func = COMMANDS[argv[0]]
-    args = vars(anno_parser(func, prog=f"tp3 {argv[0]}").parse_args(argv[1:]))
+    args = parse_command(func, argv[1:], prog or f"tp3 {argv[0]}")
     args.pop("pdb", None), args.pop("xtra", None)
     positional: list[Any] = []
     params = list(inspect.signature(func).parameters.values())

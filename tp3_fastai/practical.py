@@ -3,10 +3,11 @@ Part II (transfer), Part III (receptive fields), one report."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .core.checks import check_names
 from .core.config import build_config, config_dict
 from .core.device import pick_device, resolve_precision
 from .report import Section, write_report
@@ -14,6 +15,9 @@ from .core.runs import new_run_dir, write_json
 from .train.modes import check_modes, mode_label
 
 PARTS = ("layers", "mnist", "transfer", "rf")
+PART0_TRAINS = ("Part 0 ends with what a first convolution learns, drawn from a trained network: Part I does not "
+                "run, so after the tables its small CNN is trained here for 2 epochs on the embedded digits (a few "
+                "seconds; `--parts layers,mnist` shows Part I's own)")
 
 
 def layers_sections(run: Path, review: dict) -> list[Section]:
@@ -75,7 +79,8 @@ def transfer_section(run: Path, folder: dict) -> Section:
     rel = lambda p: str(Path(p).relative_to(run))  # noqa: E731
     modes = [dict(mode=m, weights=r["weights"].split(" (sha256")[0], trainable_params=r["trainable_params"],
                   params=r["params"], sec_per_epoch=r["sec_per_epoch"],
-                  best_valid_accuracy=r["best_valid_accuracy"]) for m, r in folder["modes"].items()]
+                  best_valid_accuracy=r["best_valid_accuracy"], best_epoch=r["best_epoch"])
+             for m, r in folder["modes"].items()]
     return Section(
         "Part II: transfer learning, " + " vs ".join(folder["modes"]),
         [f"**Where the weights came from: {folder['weights']}.** "
@@ -84,11 +89,15 @@ def transfer_section(run: Path, folder: dict) -> Section:
             "`--pretrained` online or `--weights PATH` (a state dict or safetensors file) for a real transfer."
             if folder["weights"] == "random init" else ""),
          f"Data: {folder['data']['source']}, {folder['size']} px, {folder['epochs']} epochs per mode, "
-         f"device {folder['device_name']}, precision {folder['precision']}."],
-        [(modes, ("mode", "weights", "trainable_params", "params", "sec_per_epoch", "best_valid_accuracy"))],
+         f"device {folder['device_name']}, precision {folder['precision']}.",
+         f"Exported (model.pkl) and shown in the predictions: {folder['best_mode']}, epoch "
+         f"{folder['modes'][folder['best_mode']]['best_epoch']}, by the rule: {folder['exported']}."],
+        [(modes, ("mode", "weights", "trainable_params", "params", "sec_per_epoch", "best_valid_accuracy",
+                  "best_epoch"))],
         [(rel(Path(folder["run_dir"]) / "show_batch.png"), "An augmented training batch"),
          (rel(Path(folder["run_dir"]) / "comparison.png"), f"Every mode ({folder['arch']}): loss and accuracy"),
-         (rel(Path(folder["run_dir"]) / "predictions.png"), f"Predictions of the best mode ({folder['best_mode']})")],
+         (rel(Path(folder["run_dir"]) / "predictions.png"),
+          f"Predictions of the exported model ({folder['best_mode']}, its best epoch)")],
     )
 
 
@@ -184,9 +193,7 @@ def run_practical(config: PracticalConfig | None = None, *, log: Callable[[str],
     at `rf_size` px. The device and the precision are resolved once, here, and every part runs with them.
     """
     cfg = build_config(PracticalConfig, config, options)
-    unknown = set(cfg.parts) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown part(s) {', '.join(sorted(unknown))}: choose from {', '.join(PARTS)}")
+    cfg = replace(cfg, parts=check_names(cfg.parts, PARTS, "part"))
     modes = {} if cfg.modes is None else dict(modes=check_modes(cfg.modes, "run"))
     weights, images = cfg.weights, cfg.images
     if weights is not False and weights is not True:
@@ -204,6 +211,8 @@ def run_practical(config: PracticalConfig | None = None, *, log: Callable[[str],
         from .review.run import layers_review
 
         log("== Part 0: layers, shapes and weights; VGG and ResNet ==")
+        if "mnist" not in cfg.parts:
+            log(PART0_TRAINS)
         t = time.perf_counter()
         review = layers_review(run / "part0_layers", log=log)
         timings["layers"] = time.perf_counter() - t

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..core.device import device_name, env_info, pick_device, resolve_precision
-from ..core.checks import check_name
+from ..core.checks import check_name, check_names
 from ..core.config import DEFAULT_CACHE, build_config, config_dict
 from ..core.runs import new_run_dir, write_json
 from ..train.modes import check_modes, mode_label, modes_for
@@ -84,10 +84,7 @@ def jpeg_folder(cache_dir: str | Path, n: int = 512, px: int = 392, seed: int = 
 
 def _split_opt(value: str | Sequence[str] | None, known: Sequence[str], what: str) -> list[str]:
     items = [p.strip() for p in value.split(",")] if isinstance(value, str) else list(value or [])
-    items = [p for p in dict.fromkeys(items) if p]
-    for p in items:
-        check_name(p, list(known), what)
-    return items
+    return check_names([p for p in items if p], list(known), what)
 
 
 def _cudnn_options(device: torch.device, cudnn_benchmark: str) -> list[bool | None]:

@@ -25,6 +25,20 @@ def new_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
+def folder_size(path: str | Path) -> int:
+    """Bytes of every file under `path` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def human_bytes(n: int) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as file managers and `du --si` print them)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def _plain(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)

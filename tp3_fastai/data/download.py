@@ -10,6 +10,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Callable
 from ..core.config import DEFAULT_CACHE  # noqa: F401 (the one default, imported here by the data modules)
 MIRROR_ENV = "TP3_MIRROR"  # read by the command line (cli.py) as the default of --mirror
 CHUNK = 1 << 20
+PROBE_TIMEOUT = 3.0  # seconds a server gets to answer the connection check, so that offline is known at once
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
@@ -38,6 +40,22 @@ def archive_stem(filename: str) -> str:
         if filename.endswith(suffix):
             return filename[: -len(suffix)]
     raise ValueError(f"{filename} is not a .tgz, .tar.gz, .tar or .zip archive")
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """None when the server of `url` answers (with any HTTP status) within `timeout` seconds, else why not in one
+    line: a connection check before a download, so that offline (refused, no route, no name, silence) is said in
+    seconds instead of after a client's retries. Addresses that are not http(s) (file://) are not checked."""
+    if not url.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # the server answered (403, 404, 405, ...): it is reachable
+        return None
+    except Exception as e:  # URLError (refused, no route, no name), socket timeouts, proxies that fail
+        reason = getattr(e, "reason", e)
+        return f"no answer within {timeout:g} s" if isinstance(reason, TimeoutError) else _why(reason)
 
 
 def fetch(url: str, dest: Path, timeout: float = 60.0) -> Path:
@@ -105,6 +123,9 @@ def download(name: str, url: str, alternative: str, cache_dir: str | Path = DEFA
     if log:
         log(f"downloading {name} from {src} into {dest}")
     try:
+        why = unreachable(src)
+        if why is not None:
+            raise ConnectionError(why)
         fetch(src, archive)
     except Exception as e:  # urllib / http.client / socket raise many types; all mean "not downloaded"
         raise DownloadError(f"could not download {name} from {src} ({_why(e)}); nothing was kept. Offline or "
@@ -121,4 +142,6 @@ def download(name: str, url: str, alternative: str, cache_dir: str | Path = DEFA
 
 def _why(e: BaseException) -> str:
     """'Type: first line of the message', for one-line errors."""
+    if not isinstance(e, BaseException):  # URLError.reason can be a plain string
+        return str(e)
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -16,10 +16,10 @@ from ..core.config import DEFAULT_CACHE, build_config, config_dict
 from ..data.mnist import TensorLoader, load_mnist, mnist_dls, mnist_source
 from ..core.device import env_info, pick_device, resolve_precision
 from ..train.distributed import LaunchConfig, digest, distributed_context, gather_object, join_launch, main_only, rank
-from ..train.experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
-                                resume_unit)
+from ..train.experiment import (RunContext, distributed_summary, launch_note, no_log, on_rank_zero, open_run,
+                                resume_config, resume_unit)
 from .learner import mnist_learner
-from ..core.checks import check_name
+from ..core.checks import check_names
 from ..train.learner import count_params
 from .models import MODELS
 from ..train.optimizer import OPTIMIZER_NAME
@@ -31,11 +31,9 @@ RESUME_KEYS = ("source", "archs", "epochs", "bs", "lr", "seed")  # what a run fo
 
 def check_mnist_plan(archs: Sequence[str], epochs: int, bs: int, lr: float) -> list[str]:
     """The models to train, each known, with a positive schedule; raises ValueError before any work otherwise."""
-    archs = list(dict.fromkeys(archs))
     if not archs:
         raise ValueError(f"no MNIST architecture given: choose from {', '.join(MODELS)}")
-    for a in archs:
-        check_name(a, list(MODELS), "MNIST architecture")
+    archs = check_names(archs, list(MODELS), "MNIST architecture")
     if epochs <= 0 or bs <= 0 or lr <= 0:
         raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
     return archs
@@ -60,7 +58,7 @@ class MnistConfig:
     mirror: str | None = None
 
 
-def train_mnist(config: MnistConfig | None = None, *, log: Callable[[str], None] = print,
+def train_mnist(config: MnistConfig | None = None, *, log: Callable[[str], None] | None = print,
                 launch: LaunchConfig | None = None, **options: Any) -> dict:
     """Train each MNIST model with `fit_one_cycle`; write metrics CSVs, curves.png, config.json and summary.json.
 
@@ -82,7 +80,7 @@ def train_mnist(config: MnistConfig | None = None, *, log: Callable[[str], None]
     cfg = replace(cfg, archs=check_mnist_plan(cfg.archs, cfg.epochs, cfg.bs, cfg.lr))
     dev, main, world = join_launch(cfg.bs, pick_device(cfg.device), launch)
     prec = resolve_precision(cfg.precision, dev)
-    log = main_only(log)
+    log = main_only(log or no_log)
     t0 = time.perf_counter()
     dls, test_dl = mnist_data(cfg, dev, main, log)
     ctx = RunContext(open_run(cfg.out, cfg.overwrite, cfg.resume, main), dev, prec, main, world, cfg.progress, log)

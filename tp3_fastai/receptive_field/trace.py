@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..core.checks import check_names
 from .geometry import Dim, State, Unsupported, num
 from .ops import UNTRACKED, base_op, op_name, propagate
 
@@ -318,12 +319,12 @@ def select_rows(rows: Sequence[RFRow], layers: str | Sequence[str] | None) -> li
     if not layers:
         return list(rows)
     pats = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
-    keep = [r for r in rows if any(fnmatch.fnmatchcase(c, p) for p in pats for c in (r.name, *r.ends))]
-    if not keep:
-        names = [c for r in rows for c in (r.name, *r.ends)]
-        close = sorted({m for p in pats for m in difflib.get_close_matches(p, names, n=5)})
-        raise ValueError(f"no node matches {pats}; close names: {close or names[:10]}")
-    return keep
+    names = list(dict.fromkeys(c for r in rows for c in (r.name, *r.ends)))
+    unmatched = [p for p in pats if not any(fnmatch.fnmatchcase(c, p) for c in names)]
+    if unmatched:  # every name or pattern must show something: none is dropped silently
+        check_names(unmatched, names, "node or module name",
+                    hint=f"{len(names)} names: leave out --layers (layers=None) to see every node.")
+    return [r for r in rows if any(fnmatch.fnmatchcase(c, p) for p in pats for c in (r.name, *r.ends))]
 
 
 def find_node(nodes: Sequence[Any], node: str | int | RFRow) -> Any:

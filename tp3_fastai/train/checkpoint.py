@@ -1,4 +1,6 @@
-"""Checkpoints written atomically during training (last and best epoch) and resuming from them."""
+"""Checkpoints written atomically during training and resuming from them: `last.pth` (weights and optimiser state,
+what resume needs) while a unit trains, `best.pth` (the best epoch's weights alone, what a model is judged and
+exported by); `finish_unit` drops the optimiser state once a unit is done."""
 from __future__ import annotations
 
 import csv
@@ -41,12 +43,25 @@ def _plain(o: Any) -> Any:
     return o
 
 
-def save_checkpoint(learn: Learner, path: str | Path, epoch: int, metric: float | None = None) -> Path:
-    """Model and optimizer state after `epoch` completed epochs (plain tensors and numbers only)."""
-    opt = _plain(learn.opt.state_dict()) if learn.opt is not None else None
+def save_checkpoint(learn: Learner, path: str | Path, epoch: int, metric: float | None = None,
+                    optimizer: bool = True) -> Path:
+    """Model (and with `optimizer` the optimiser state) after `epoch` completed epochs (plain tensors and numbers
+    only). The optimiser state (Adam: two moving averages per weight) makes a file about 3 times the weights'."""
+    opt = _plain(learn.opt.state_dict()) if optimizer and learn.opt is not None else None
     model = get_model(learn.model)  # the bare model, also inside DistributedDataParallel (no `module.` prefix)
     return atomic_torch_save({"model": model.state_dict(), "opt": opt, "epoch": epoch, "metric": metric},
                              path)
+
+
+def load_weights(learn: Learner, path: str | Path) -> int:
+    """The model weights of a checkpoint into `learn` (weights_only; any optimiser state in the file is left
+    out); returns its epoch count."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    get_model(learn.model).load_state_dict(ck["model"])
+    return int(ck["epoch"])
 
 
 def load_checkpoint(learn: Learner, path: str | Path) -> int:
@@ -146,22 +161,72 @@ def _place(state: dict | None, p: torch.Tensor, step: tuple | None = None) -> in
 
 
 class CheckpointCallback(Callback):
-    """After each training epoch save `last.pth`, and `best.pth` when the monitored validation value improves."""
+    """After each training epoch save `last.pth` (weights and optimiser state, over the previous one), and
+    `best.pth` (weights alone) when the monitored validation value improves on every earlier epoch (the first of
+    equal epochs stays). `folder` None writes nothing and keeps the best epoch's weights in memory instead
+    (`best_state`, on the CPU): a run without checkpoints can still export its best epoch, not resume."""
     order = 65  # after CurvesCallback (60), whose row for the epoch it reads
 
-    def __init__(self, folder: str | Path, monitor: str = "valid_accuracy", higher_is_better: bool = True):
-        self.folder, self.monitor, self.higher = Path(folder), monitor, higher_is_better
+    def __init__(self, folder: str | Path | None, monitor: str = "valid_accuracy", higher_is_better: bool = True):
+        self.folder = Path(folder) if folder is not None else None
+        self.monitor, self.higher = monitor, higher_is_better
         self.best: float | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
 
     def after_epoch(self) -> None:
         history = self.learn.curves.history
         if not self.learn.curves.recorded:  # no training in this epoch: skipped, predict, validate, ...
             return
-        value = history[-1][self.monitor]
-        save_checkpoint(self.learn, self.folder / "last.pth", self.learn.epoch + 1, value)
+        value, epoch = history[-1][self.monitor], self.learn.epoch + 1
+        if self.folder is not None:
+            save_checkpoint(self.learn, self.folder / LAST, epoch, value)
         if self.best is None or (value > self.best if self.higher else value < self.best):
             self.best = value
-            save_checkpoint(self.learn, self.folder / "best.pth", self.learn.epoch + 1, value)
+            if self.folder is not None:
+                save_checkpoint(self.learn, self.folder / BEST, epoch, value, optimizer=False)
+            else:
+                self.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in get_model(self.learn.model).state_dict().items()}
+
+
+LAST, BEST = "last.pth", "best.pth"
+
+
+def finish_unit(folder: str | Path) -> list[Path]:
+    """Once a unit (a mode, a model) is done: remove what only resume needed (`last.pth`, with the optimiser
+    state, and temporary files a kill left), keep `best.pth` (weights alone); returns what was removed."""
+    folder = Path(folder)
+    gone = [p for p in (folder / LAST, *folder.glob(".*.tmp")) if p.is_file()]
+    for p in gone:
+        p.unlink()
+    return gone
+
+
+def settle_best(folder: str | Path, start: int, best_epoch: int) -> bool:
+    """After a kill, make `best.pth` hold epoch `best_epoch` (the resumed curves' best) when that is the resumed
+    epoch `start` itself: a kill between writing `last.pth` and `best.pth` left the best epoch's weights in
+    `last.pth` alone. Returns whether best.pth was written."""
+    folder = Path(folder)
+    if best_epoch != start or not (folder / LAST).is_file():
+        return False
+    best = folder / BEST
+    if best.is_file() and int(torch.load(best, map_location="cpu", weights_only=True)["epoch"]) == start:
+        return False
+    ck = torch.load(folder / LAST, map_location="cpu", weights_only=True)
+    atomic_torch_save(dict(ck, opt=None), best)
+    return True
+
+
+def load_best(learn: Learner, folder: str | Path | None) -> int | None:
+    """The best epoch's weights into `learn`: from its CheckpointCallback's memory (a run without checkpoints) or
+    `folder`/best.pth; returns that epoch (None when kept in memory)."""
+    cb = getattr(learn, "checkpoint", None)
+    if cb is not None and cb.best_state is not None:
+        get_model(learn.model).load_state_dict(cb.best_state)
+        return None
+    if folder is None:
+        raise ValueError("no best weights: the learner kept none in memory and no checkpoint folder was given")
+    return load_weights(learn, Path(folder) / BEST)
 
 
 def truncate_csv(path: str | Path, epochs: int) -> None:

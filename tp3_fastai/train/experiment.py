@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from fastai.learner import Learner
 
-from .checkpoint import load_checkpoint, truncate_csv
+from .checkpoint import load_checkpoint, settle_best, truncate_csv
 from .curves import read_curves
 from .distributed import backend_for, broadcast_object, gather_object, rank
 from ..core.runs import new_run_dir, read_json
@@ -30,6 +30,10 @@ class RunContext:
     world: int
     progress: bool | None
     log: Callable[[str], None] | None
+
+
+def no_log(line: str) -> None:
+    """The log of a run asked to say nothing (log=None): lines go nowhere."""
 
 
 def resume_config(run: str | Path, keys: Sequence[str], what: str) -> dict[str, Any]:
@@ -78,7 +82,9 @@ def resume_unit(learn: Learner, ckpt: Path, csv_path: Path, main: bool) -> int:
     if main:
         truncate_csv(csv_path, start)  # rows of epochs after the checkpoint are run again
         if start:
-            learn.checkpoint.best = max(r["valid_accuracy"] for r in read_curves(csv_path))
+            best = max(read_curves(csv_path), key=lambda r: r["valid_accuracy"])  # the first of equal epochs
+            learn.checkpoint.best = best["valid_accuracy"]
+            settle_best(ckpt, start, best["epoch"])
     return start
 
 

@@ -16,27 +16,31 @@ from fastai.learner import Learner, load_learner
 from fastai.torch_core import set_seed
 from PIL import Image, UnidentifiedImageError
 
-from ..train.checkpoint import CheckpointCallback, load_checkpoint
+from ..train.checkpoint import CheckpointCallback, finish_unit, load_best
 from ..train.curves import CurvesCallback, plot_curves, read_curves
 from ..core.device import env_info, pick_device, resolve_channels_last, resolve_precision
 from ..train.distributed import (LaunchConfig, as_single_process, backend_for, broadcast_object, digest,
                                  distributed_context, gather_object, join_launch, main_only, rank)
-from ..train.experiment import (RunContext, distributed_summary, launch_note, on_rank_zero, open_run, resume_config,
-                                resume_unit)
+from ..train.experiment import (RunContext, distributed_summary, launch_note, no_log, on_rank_zero, open_run,
+                                resume_config, resume_unit)
 from ..data.images import image_dls, image_source, info_dict, parse_aug, plot_image_grid, reseed, show_batch_png
 from ..train.optimizer import OPTIMIZER_NAME
 from ..data.pipeline import check_pipeline
 from ..core.config import DEFAULT_CACHE, build_config, config_dict
-from ..core.runs import markdown_table, pyplot, read_json, save_figure, write_json
+from ..core.runs import folder_size, human_bytes, markdown_table, pyplot, read_json, save_figure, write_json
 from ..train.modes import DEFAULT_MODES, mode_label, set_mode, training_mode
 from .learner import check_image_size, check_plan, resnet_learner, train_mode
-from .weights import RANDOM_INIT, WeightsArg, check_weights, describe_weights, normalization
+from .weights import RANDOM_INIT, WeightsArg, check_weights, describe_weights, normalization, short_weights
 
 # what a run folder's config.json fixes for `resume`: the experiment itself, not where or how fast it runs
 RESUME_KEYS = ("data", "arch", "size", "bs", "epochs", "modes", "pretrained", "lr", "freeze_epochs", "aug", "seed",
                "channels_last")
 SUMMARY_COLUMNS = ("mode", "weights", "trainable_params", "params", "epochs", "sec_per_epoch",
-                   "final_valid_accuracy", "best_valid_accuracy")
+                   "final_valid_accuracy", "best_valid_accuracy", "best_epoch", "exported")
+# Which model a run exports (model.pkl), judges (predictions, confusion matrix) and calls best, said in its log,
+# summary.md and report: the weights of the best epoch (checkpoints' best.pth) of the mode whose best epoch is best.
+EXPORT_RULE = ("the best epoch's weights of the mode with the highest best_valid_accuracy (ties: the lower valid "
+               "loss at that epoch, then the earlier mode)")
 
 
 def valid_predictions(learn: Learner, dl=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +114,12 @@ def plot_predictions(learn: Learner, probs: torch.Tensor, targs: torch.Tensor, p
                            title=title or f"validation predictions ({len(wrong)} wrong of {len(targs)}; red = wrong)")
 
 
+def short_data(data: str | Path) -> str:
+    """A data source as a figure title names it: a named source as it is, a folder by its last two parts."""
+    parts = Path(str(data)).parts
+    return str(data) if len(parts) <= 2 else str(Path(*parts[-2:]))
+
+
 def export_learner(learn: Learner, path: str | Path) -> Path:
     """`learn.export` for inference, after removing what need not (or cannot) be pickled."""
     learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (CurvesCallback, CheckpointCallback))])
@@ -156,8 +166,10 @@ def predict(model: str | Path | Learner, image_path: str | Path) -> tuple[str, f
     return str(label), float(probs[int(idx)])
 
 
-def _best(results: dict[str, dict]) -> str:
-    return max(results, key=lambda m: (results[m]["final_valid_accuracy"], -results[m]["final_valid_loss"]))
+def best_mode(results: dict[str, dict]) -> str:
+    """The mode that is exported (EXPORT_RULE): highest best_valid_accuracy, then lowest valid loss at that epoch,
+    then the first in `results`' order."""
+    return max(results, key=lambda m: (results[m]["best_valid_accuracy"], -results[m]["best_valid_loss"]))
 
 
 def _resume_config(run: Path) -> dict[str, Any]:
@@ -167,6 +179,9 @@ def _resume_config(run: Path) -> dict[str, Any]:
     kept["pretrained"] = {"True": True, "False": False}.get(str(saved["pretrained"]), saved["pretrained"])
     if "train_bn" in saved:  # written before the modes table: train_bn beside the modes
         _check_old_train_bn(run, kept["modes"], saved["train_bn"])
+    if saved.get("checkpoints") is False:
+        raise ValueError(f"{run} was run without checkpoints (--no-checkpoints): there is nothing to resume from; "
+                         "start the run again")
     return dict(kept, weights=saved.get("weights"))
 
 
@@ -215,6 +230,7 @@ class FinetuneConfig:
     mirror: str | None = None
     pipeline: str = "auto"
     deterministic: bool = False  # cuDNN's deterministic algorithms (how it runs, not what: not a resume key)
+    checkpoints: bool = True  # False: no checkpoint files (no resume); the best epoch's weights are kept in memory
 
 
 @dataclass
@@ -316,6 +332,8 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
     ckpt, csv_path = ctx.run / "checkpoints" / mode, ctx.run / f"metrics_{mode}.csv"
     if (ckpt / "result.json").is_file():  # finished before an interruption: kept as it was
         ctx.log(f"{mode}: finished before, kept ({ckpt / 'result.json'})")
+        if ctx.main:
+            finish_unit(ckpt)  # a kill between result.json and the clean-up left last.pth behind
         return read_json(ckpt / "result.json"), read_curves(csv_path) if ctx.main else [], None, plan.epochs
     set_seed(plan.seed, reproducible=plan.deterministic)  # every mode gets the same head init, augmentation draws ...
     reseed(dls, plan.seed)  # ... and batch order
@@ -323,7 +341,7 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
                           plan.pretrained if training_mode(mode).pretrained else False)
     ctx.log(f"{mode}: {learn.weights}")
     if ctx.main:
-        learn.add_cb(CheckpointCallback(ckpt))
+        learn.add_cb(CheckpointCallback(ckpt if plan.checkpoints else None))
     set_mode(learn, mode)  # the optimizer state loads into the layout training uses
     start = resume_unit(learn, ckpt, csv_path, ctx.main)
     if start:
@@ -333,20 +351,22 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
     with distributed_context(learn):  # no-op in a single process
         done = train_mode(learn, mode, plan.epochs, lr=plan.lr, freeze_epochs=plan.freeze_epochs, start=start)
     history = broadcast_object(read_curves(csv_path) if ctx.main else None)  # the whole run, resumed or not
+    best_row = max(history, key=lambda r: r["valid_accuracy"])  # the first of equal epochs, as best.pth keeps
     result = dict(
         mode=mode, weights=learn.weights, trainable_params=done["phases"][-1]["trainable_params"],
         params=done["phases"][-1]["total_params"], epochs=plan.epochs,
         sec_per_epoch=sum(r["seconds"] for r in history) / len(history),
         final_valid_accuracy=history[-1]["valid_accuracy"], final_valid_loss=history[-1]["valid_loss"],
-        best_valid_accuracy=max(r["valid_accuracy"] for r in history),
-        best_epoch=max(history, key=lambda r: r["valid_accuracy"])["epoch"],
+        best_valid_accuracy=best_row["valid_accuracy"], best_valid_loss=best_row["valid_loss"],
+        best_epoch=best_row["epoch"],
         phases=done["phases"], seconds=done["seconds"], metrics_csv=csv_path.name,
         device=str(ctx.dev), precision=ctx.precision)
     if ctx.world > 1:  # what each process did: same weights everywhere means the gradients were all-reduced
         result["ranks"] = gather_object(dict(rank=rank(), train_batches=done["train_batches"],
                                              weights=digest(learn.model)))
-    if ctx.main:
-        write_json(ckpt / "result.json", result)
+    if ctx.main and plan.checkpoints:
+        write_json(ckpt / "result.json", result)  # first: a kill before the clean-up still finds the mode done
+        finish_unit(ckpt)  # the optimiser state only served resume; best.pth (weights) stays
     return result, history, learn, start
 
 
@@ -370,39 +390,45 @@ def train_modes(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders) -> Traine
             out.results[mode] = result
             if start:
                 out.resumed[mode] = start
-            if learn is not None and (out.best_mode is None or _best({out.best_mode: out.results[out.best_mode],
-                                                                      mode: result}) == mode):
+            if learn is not None and (out.best_mode is None or best_mode({out.best_mode: out.results[out.best_mode],
+                                                                          mode: result}) == mode):
                 out.best_mode, out.best_learn = mode, learn
             pretrained = training_mode(mode).pretrained
             out.histories[mode_label(mode) + (" [random init]" if pretrained and result["weights"] == RANDOM_INIT
                                               else "")] = history
     except KeyboardInterrupt:
-        ctx.log(f"\ninterrupted during {mode}: every completed epoch is saved in {ctx.run / 'checkpoints'}; continue "
-                f"with resume={str(ctx.run)!r} (scripts/finetune.py --resume {ctx.run})")
+        if plan.checkpoints:
+            ctx.log(f"\ninterrupted during {mode}: every completed epoch is saved in {ctx.run / 'checkpoints'}; "
+                    f"continue with resume={str(ctx.run)!r} (scripts/finetune.py --resume {ctx.run})")
+        else:
+            ctx.log(f"\ninterrupted during {mode}: run without checkpoints, so it cannot be resumed")
         raise
     return out
 
 
-def evaluate_best(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, trained: Trained, best_mode: str,
+def evaluate_best(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, trained: Trained, mode: str,
                   weights: str) -> dict:
-    """comparison.png, predictions.png, confusion_matrix.png and model.pkl of the best mode (rank 0 alone)."""
-    learn = trained.best_learn
-    if trained.best_mode != best_mode:  # the best mode finished before an interruption: rebuild it from its checkpoint
-        learn = build_learner(ctx, plan, dls, best_mode)  # random init: the checkpoint replaces every weight
-        load_checkpoint(learn, ctx.run / "checkpoints" / best_mode / "last.pth")
+    """comparison.png, and predictions.png, confusion_matrix.png and model.pkl of the best mode's best epoch
+    (EXPORT_RULE; rank 0 alone)."""
+    learn, folder = trained.best_learn, ctx.run / "checkpoints" / mode
+    if trained.best_mode != mode:  # the best mode finished before an interruption: rebuild it from its checkpoint
+        learn = build_learner(ctx, plan, dls, mode)  # random init: the checkpoint replaces every weight
+    load_best(learn, folder if plan.checkpoints else None)
     run = ctx.run
     with as_single_process():  # rank 0 alone predicts, plots and exports
         plot_curves(trained.histories, run / "comparison.png",
-                    title=f"{plan.arch} on {plan.data} ({plan.size} px), {plan.epochs} epochs; weights: {weights}")
+                    title=f"{plan.arch} on {short_data(plan.data)} ({plan.size} px), {plan.epochs} epochs; "
+                          f"weights: {short_weights(weights)}")
         probs, targs = valid_predictions(learn)
         preds = probs.argmax(dim=1)
         classes = list(dls.vocab)
         matrix = confusion_matrix(preds, targs, len(classes))
         plot_predictions(learn, probs, targs, run / "predictions.png")
+        epoch = trained.results[mode]["best_epoch"]
         plot_confusion(matrix, classes, run / "confusion_matrix.png",
-                       title=f"{best_mode}: valid accuracy {float((preds == targs).float().mean()):.3f}")
+                       title=f"{mode}, epoch {epoch}: valid accuracy {float((preds == targs).float().mean()):.3f}")
         model_path = export_learner(learn, run / "model.pkl")
-    return dict(confusion_matrix=dict(mode=best_mode, classes=classes, rows="true", columns="predicted",
+    return dict(confusion_matrix=dict(mode=mode, classes=classes, rows="true", columns="predicted",
                                       matrix=matrix), model=str(model_path))
 
 
@@ -410,13 +436,13 @@ def write_finetune_summary(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders
                            t0: float) -> dict:
     """Evaluate the best mode and write summary.md and summary.json (rank 0); the summary on every rank."""
     info, results = info_dict(dls), trained.results
-    best_mode = _best(results)
+    best = best_mode(results)
     summary = dict(run_dir=str(ctx.run), data=info, arch=plan.arch, size=plan.size, bs=plan.bs, epochs=plan.epochs,
                    lr=plan.lr, freeze_epochs=plan.freeze_epochs, aug=plan.aug, seed=plan.seed,
                    device=str(ctx.dev), device_name=config["env"].get("device_name"), precision=ctx.precision,
                    channels_last=plan.channels_last, weights=plan.weights, weights_info=plan.weights_info,
-                   normalize=plan.normalize, modes=results, best_mode=best_mode, world_size=ctx.world,
-                   env=config["env"])
+                   normalize=plan.normalize, modes=results, best_mode=best, best_epoch=results[best]["best_epoch"],
+                   exported=EXPORT_RULE, checkpoints=plan.checkpoints, world_size=ctx.world, env=config["env"])
     if plan.resume is not None:
         summary["resumed"] = trained.resumed  # epochs each mode had completed before this process
     if ctx.world > 1:
@@ -426,16 +452,28 @@ def write_finetune_summary(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders
     # the learners' own account of their weights (the hub's full id, a file's digest), as each mode recorded it
     weights = summary["weights"] = next((r["weights"] for m, r in results.items() if training_mode(m).pretrained),
                                         plan.weights)
-    summary.update(evaluate_best(ctx, plan, dls, trained, best_mode, weights))
-    rows = [dict(r, weights=r["weights"] if r["weights"] == RANDOM_INIT else r["weights"].split(" (sha256")[0])
-            for r in results.values()]
+    summary.update(evaluate_best(ctx, plan, dls, trained, best, weights))
+    rows = [dict(r, weights=r["weights"] if r["weights"] == RANDOM_INIT else r["weights"].split(" (sha256")[0],
+                 exported=f"model.pkl (epoch {r['best_epoch']})" if m == best else "")
+            for m, r in results.items()]
     table = markdown_table(rows, SUMMARY_COLUMNS)
+    exported = exported_line(best, results[best], summary["model"])
     (ctx.run / "summary.md").write_text(f"{plan.arch} on {info['source']}, {plan.size} px, weights: {weights}\n\n"
-                                        f"{table}\n")
+                                        f"{table}\n\n{exported}\n")
     summary["seconds"] = time.perf_counter() - t0
     write_json(ctx.run / "summary.json", summary)
-    ctx.log("\n" + table + f"\n\nbest: {best_mode} (exported to {summary['model']})\nrun folder: {ctx.run}")
+    size = folder_size(ctx.run)
+    summary["run_folder_bytes"] = size  # in the returned summary only: summary.json is part of what it counts
+    ctx.log("\n" + table + f"\n\n{exported}\nrun folder: {ctx.run} ({human_bytes(size)}"
+            + (f"; checkpoints {human_bytes(folder_size(ctx.run / 'checkpoints'))}, best epoch's weights per mode)"
+               if plan.checkpoints else ", no checkpoints)"))
     return summary
+
+
+def exported_line(mode: str, result: dict, model: str) -> str:
+    """What the log and summary.md say about the exported model: which mode and epoch, by which rule."""
+    return (f"exported: {mode}, epoch {result['best_epoch']} of {result['epochs']} (valid accuracy "
+            f"{result['best_valid_accuracy']:.4g}) -> {model}; the rule: {EXPORT_RULE}")
 
 
 def finetune_experiment(config: FinetuneConfig | None = None, *, log: Callable[[str], None] = print,
@@ -456,8 +494,12 @@ def finetune_experiment(config: FinetuneConfig | None = None, *, log: Callable[[
     when given: a base address holding the archives under their file names), its images, and a training set
     holding at least one batch. The device and the precision are resolved once, here.
 
-    Checkpoints: after every epoch `<run>/checkpoints/<mode>/last.pth` (and `best.pth` when the validation
-    accuracy improves), written atomically; a finished mode leaves `result.json` there. `resume=RUN_DIR`
+    Checkpoints: after every epoch `<run>/checkpoints/<mode>/last.pth` (weights and optimiser state, for resume)
+    and `best.pth` (weights alone) when the validation accuracy improves, written atomically; once a mode is done,
+    `result.json` is written there and `last.pth` removed, so a finished run keeps each mode's best epoch's weights
+    (ResNet50: 103 MB each, where `last.pth` with Adam's state is 308 MB). model.pkl exports the
+    best epoch of the best mode (EXPORT_RULE). `checkpoints=False` writes none (no resume) and keeps the best
+    epoch's weights in memory. `resume=RUN_DIR`
     continues an interrupted run with the arguments of its config.json: finished modes are kept, the
     interrupted one continues after its last completed epoch with the same schedule (in either of fine_tune's
     phases), its metrics CSV without repeated or missing epochs. Ctrl-C stops after saying how to resume.
@@ -475,7 +517,7 @@ def finetune_experiment(config: FinetuneConfig | None = None, *, log: Callable[[
     prec = resolve_precision(plan.precision, dev)
     torch.backends.cudnn.deterministic = plan.deterministic  # for this run only, as asked
     plan.channels_last = resolve_channels_last(plan.channels_last, dev)  # None: on CUDA
-    log = main_only(log)
+    log = main_only(log or no_log)
     t0 = time.perf_counter()
     dls = finetune_data(plan, dev, main, world, log)
     # rank 0 names the run folder (a new -2, -3, ... if it exists) and tells the others

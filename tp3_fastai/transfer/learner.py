@@ -3,11 +3,13 @@ trained in one of the modes of train.modes' table (`set_mode`, `train_mode`): fr
 frozen body whose BatchNorm is frozen too (`frozen`) or trains (`frozen_bn`)."""
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle / fine_tune)
+import numpy as np
 import timm
 import torch
 from fastai.callback.core import Callback, CancelEpochException
@@ -19,7 +21,7 @@ from fastai.metrics import accuracy
 from fastai.vision.learner import create_timm_model, default_split
 from torch import nn
 
-from ..core.checks import check_name
+from ..core.checks import check_name, check_names
 from ..train.learner import count_params, setup_learner
 from ..train.loop import CrossEntropyLossFlat, learner_class
 from ..train.modes import check_modes, set_mode, training_mode  # noqa: F401 (set_mode: part of this module's API)
@@ -35,7 +37,8 @@ def check_arch(arch: str) -> None:
     if not isinstance(arch, str) or not arch:
         raise ValueError(f"arch must be a timm model name such as 'resnet50', got {arch!r}")
     if not timm.is_model(arch):
-        check_name(arch, timm.list_models(), "timm architecture")
+        check_name(arch, timm.list_models(), "timm architecture",
+                   hint="timm.list_models('resnet*') lists the names that match a pattern.")
 
 
 def _feature_error(features: Callable[[torch.Tensor], torch.Tensor], size: int, n_in: int) -> str | None:
@@ -104,6 +107,32 @@ def check_image_size(model: nn.Module | str, size: int, n_in: int = 3) -> None:
                      f"(--size {hi}) or larger, or choose an architecture that downsamples less")
 
 
+def input_size(dls: DataLoaders) -> int | None:
+    """The side of the images `dls` gives (the smaller side of non-square ones): from the tensors of an in-memory
+    loader, else from one batch (validation first), drawn with every global random state put back as it was (a
+    check must not change the run); None when no loader shows an image batch without being consumed (a stream)."""
+    for dl in reversed(list(getattr(dls, "loaders", [])[:2])):
+        x = getattr(dl, "x", None)
+        if not isinstance(x, torch.Tensor) and callable(getattr(dl, "one_batch", None)):
+            own = getattr(dl, "rng", None)  # a fastai loader's shuffling generator, drawn from at every iteration
+            own = own if isinstance(own, random.Random) else None
+            state = random.getstate(), np.random.get_state(), own.getstate() if own is not None else None
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    x = dl.one_batch()[0]
+            except (StopIteration, IndexError):  # an empty split
+                continue
+            finally:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+                if own is not None:
+                    dl.rng = own
+                    own.setstate(state[2])
+        if isinstance(x, torch.Tensor) and x.dim() >= 4:
+            return int(min(x.shape[-2:]))
+    return None
+
+
 def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: WeightsArg = False, n_in: int = 3,
                    precision: str = "fp32", channels_last: bool | None = None, train_bn: bool = True,
                    csv_path: str | Path | None = None, progress: bool | None = None,
@@ -121,8 +150,10 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with
     weights_only). Normalisation is left to the DataLoaders (see image_data.folder_dls); with hub weights, a fastai
     Normalize in them must use the pretrained configuration's statistics (weights.normalization). The learner records
-    `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). With
-    `size` (the DataLoaders' image side) the body is checked to accept it (check_image_size) before anything trains.
+    `learn.weights` (where the weights came from) and `learn.weights_info` (the file's JSON sidecar). The body is
+    checked to accept the DataLoaders' images (check_image_size, as the command line does; their side is `size` or
+    read from the DataLoaders, see input_size): images too small for `arch` raise a ValueError naming the smallest
+    size, before anything trains.
     Optimiser: optimizer.default_opt_func; `channels_last` None: on CUDA (device.resolve_channels_last).
     """
     check_arch(arch)
@@ -143,6 +174,7 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     learn = learner_class(stock)(dls, model, loss_func=loss_func, metrics=accuracy, lr=lr, path=path,
                                  splitter=default_split, train_bn=train_bn, opt_func=default_opt_func(dls.device))
     learn.arch, learn.n_out, learn.n_in, learn.normalize = arch, n_out, n_in, False  # as vision_learner records
+    size = input_size(dls) if size is None else size
     if size is not None:
         check_image_size(learn.model[0], size, n_in)
     body = learn.model[0].model

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -198,6 +199,26 @@ def pretrained_body(config: BodyConfig | None = None, *, cache_dir: str | Path =
         log(f"source accuracy {info['source_accuracy']:.4f} on {info['source']['n_test']} held-out images, "
             f"{info['seconds']:.1f}s")
     return path, dict(info, cached=False, path=str(path))
+
+
+def body_destination(dest: str | Path) -> Path:
+    """`dest` as a body file name, refused unless it ends in .safetensors (checked before any training)."""
+    dest = Path(dest).expanduser()
+    if dest.suffix != ".safetensors":
+        raise ValueError(f"{dest}: a body is written as .safetensors, name the file so (e.g. body.safetensors)")
+    return dest
+
+
+def copy_body(path: str | Path, dest: str | Path) -> Path:
+    """Copy a body and its JSON sidecar to `dest` (a .safetensors file; its sidecar beside it, same stem), checked
+    against the sidecar's sha256: one named file to pass as weights, offline (`pretrained=dest`, `--weights dest`)."""
+    path, dest = Path(path), body_destination(dest)
+    info = read_body_info(path)  # the bytes are those the sidecar describes
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.resolve() != path.resolve():
+        shutil.copyfile(path, dest)
+    _ordinary_mode(write_json(dest.with_suffix(".json"), dict(info, file=dest.name)))
+    return dest
 
 
 def describe_body(info: dict[str, Any]) -> str:

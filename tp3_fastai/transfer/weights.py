@@ -4,22 +4,26 @@ words for every report; and `check_weights`, which tries all of it before any ru
 from __future__ import annotations
 
 
+import contextlib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import timm
 import torch
 from torch import nn
 
-from ..data.download import DownloadError
+from ..core.checks import plain_text
+from ..core.config import BODY_CACHE
+from ..data.download import DownloadError, unreachable
 
 
 RANDOM_INIT = "random init"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # fastai's imagenet_stats, timm's default
 CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
-STRIP_PREFIXES = ("module.", "0.model.", "model.")  # DataParallel, a fastai Learner's state dict, timm wrappers
+STRIP_PREFIXES = ("module.", "model.")  # DataParallel, a fastai TimmBody (timm model under `model.`)
 WeightsArg = bool | str | Path
 
 
@@ -32,17 +36,33 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def weights_path(pretrained: WeightsArg) -> Path | None:
-    """The weights file of `pretrained` (None for True/False), checked to exist."""
+def cached_bodies(cache: str | Path = BODY_CACHE) -> list[str]:
+    """The names of the bodies in the body cache (file stems, e.g. 'resnet10t-32px-1ch-<digest>'), newest first."""
+    files = Path(cache).expanduser().glob("*.safetensors")
+    return [p.stem for p in sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def weights_path(pretrained: WeightsArg, cache: str | Path = BODY_CACHE) -> Path | None:
+    """The weights file of `pretrained` (None for True/False), checked to exist: a path, or the name of a body in
+    the body cache (`tp3 pretrain` prints it; with or without .safetensors)."""
     if isinstance(pretrained, bool):
         return None
     if not isinstance(pretrained, (str, Path)) or not str(pretrained):
         raise ValueError(f"pretrained must be True, False or the path of a weights file, got {pretrained!r}")
     path = Path(pretrained).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist: pass a .safetensors file or a PyTorch "
-                                "state dict (.pt/.pth) holding a timm body of the chosen arch")
-    return path
+    if path.is_file():
+        return path
+    cache = Path(cache).expanduser()
+    if path.name == str(pretrained):  # a bare name: a cached body?
+        for name in (path.name, f"{path.name}.safetensors"):
+            if (cache / name).is_file():
+                return cache / name
+    bodies = cached_bodies(cache)
+    cached = f" Cached bodies ({cache}): {', '.join(bodies[:3])}{' ...' if len(bodies) > 3 else ''}." if bodies else ""
+    raise FileNotFoundError(f"weights file {path} does not exist, nor a body of that name in the body cache: pass a "
+                            ".safetensors file or a PyTorch state dict (.pt/.pth) holding a timm body of the chosen "
+                            f"arch, or the name of a cached body.{cached} `tp3 pretrain --out body.safetensors` "
+                            "writes one where you want it.")
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
@@ -71,9 +91,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # UnpicklingError for pickled objects, RuntimeError for non-torch files
-            raise ValueError(f"{path} is not a plain PyTorch state dict (loaded with weights_only=True, which refuses "
-                             f"pickled objects such as a whole model or a fastai export): {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}. Save `model.state_dict()` instead.") from e
+            raise ValueError(pickled_file_message(path, e)) from e
         for key in ("state_dict", "model"):  # common checkpoint wrappers
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
@@ -81,6 +99,43 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     return dict(sd)
+
+
+def pickled_file_message(path: Path, e: Exception) -> str:
+    """Why `path` is refused (weights_only=True refuses pickled objects) and the one line that turns it into a
+    file that loads: a fastai export (model.pkl) or a whole pickled model -> its state dict."""
+    text = plain_text(str(e))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    pickled = found.group(1) if found else ""
+    out = f"{path.stem}_weights.pth"
+    if "Learner" in pickled:
+        what = f"a fastai export (a pickled {pickled}, e.g. a run folder's model.pkl)"
+        line = (f"python -c \"import torch; from fastai.learner import load_learner; "
+                f"torch.save(load_learner('{path}').model.state_dict(), '{out}')\"")
+    elif pickled:
+        what = f"a pickled object ({pickled}: a whole model?)"
+        line = f"python -c \"import torch; torch.save(torch.load('{path}', weights_only=False).state_dict(), '{out}')\""
+    else:
+        first = text.splitlines()[0] if text else ""
+        return (f"{path} is not a PyTorch state dict nor a safetensors file ({type(e).__name__}: {first}): pass a "
+                ".safetensors file or a state dict saved with torch.save(model.state_dict(), PATH)")
+    return (f"{path} is {what}, which loading with weights_only=True refuses (unpickling can run code). If you made "
+            f"it yourself, save its weights with one line, then pass {out}: {line}")
+
+
+def body_state_dict_of(sd: dict[str, torch.Tensor], own: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The body's tensors of a state dict saved from a body, a DataParallel / timm wrapper or a whole fastai
+    Learner's model (`learn.model.state_dict()`: body under `0.`, head under `1.`), and the keys left out (a
+    Learner's head)."""
+    ignored: list[str] = []
+    if not own.keys() & sd.keys() and all(k.startswith(("0.", "1.")) for k in sd) and any(
+            k.startswith("0.") for k in sd):
+        ignored = sorted(k for k in sd if k.startswith("1."))  # the Learner's head: a new one is made for the classes
+        sd = {k[2:]: v for k, v in sd.items() if k.startswith("0.")}
+    for prefix in STRIP_PREFIXES:
+        if not own.keys() & sd.keys() and any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return sd, ignored
 
 
 def _first_conv_keys(body: nn.Module) -> list[str]:
@@ -91,12 +146,9 @@ def _first_conv_keys(body: nn.Module) -> list[str]:
 def load_body_weights(body: nn.Module, path: str | Path, n_in: int = 3) -> dict[str, Any]:
     """Load a weights file into a timm body (classifier keys ignored, first conv adapted to `n_in`), strictly."""
     path = Path(path)
-    sd = read_state_dict(path)
     own = body.state_dict()
-    for prefix in STRIP_PREFIXES:
-        if not own.keys() & sd.keys() and any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-    dropped = sorted(k for k in sd if k.startswith(CLASSIFIER_PREFIXES) and k not in own)
+    sd, head = body_state_dict_of(read_state_dict(path), own)
+    dropped = head + sorted(k for k in sd if k.startswith(CLASSIFIER_PREFIXES) and k not in own)
     sd = {k: v for k, v in sd.items() if k not in dropped}
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
     if missing or unexpected:
@@ -133,28 +185,64 @@ def hub_id(arch: str) -> str:
     return cfg.get("hf_hub_id") or cfg.get("url") or arch
 
 
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """huggingface_hub's offline mode (what HF_HUB_OFFLINE=1 sets, read at every request) while the block runs:
+    files come from its cache only, without a request and so without its retries."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def hub_unreachable() -> str | None:
+    """None when the hub's endpoint (HF_ENDPOINT, default https://huggingface.co) answers within seconds or
+    huggingface_hub is offline anyway (HF_HUB_OFFLINE=1: no request is made); else why not, in one line."""
+    import huggingface_hub.constants as hub
+
+    return None if hub.HF_HUB_OFFLINE else unreachable(hub.ENDPOINT)
+
+
 def hub_state_dict(arch: str, n_in: int) -> tuple[dict[str, torch.Tensor], str]:
     """The body state dict timm's own `pretrained=True` path gives (hub download or the Hugging Face cache; classifier
-    dropped; first conv adapted to `n_in` channels), and the hub id; a DownloadError that says what to do instead."""
+    dropped; first conv adapted to `n_in` channels), and the hub id; a DownloadError that says what to do instead.
+
+    One connection check first (download.unreachable): when the hub does not answer, the weights are read from
+    the Hugging Face cache in offline mode, and an empty cache is said at once instead of after the hub client's
+    retries (46 s measured against a refused port)."""
+    why = hub_unreachable()
     try:
-        model = timm.create_model(arch, pretrained=True, num_classes=0, in_chans=n_in)
+        with hub_offline(why is not None):
+            model = timm.create_model(arch, pretrained=True, num_classes=0, in_chans=n_in)
     except RuntimeError as e:
         msg = str(e).lower()
         if "no pretrained weights" in msg or "invalid pretrained tag" in msg:  # timm's own refusals, not network
             raise ValueError(f"timm has no pretrained weights for {arch!r}: {e}. Choose another arch or tag, or "
                              "pass a local weights file (pretrained=PATH).") from e
-        raise DownloadError(_hub_message(arch, e)) from e
+        raise DownloadError(_hub_message(arch, e, why)) from e
     except Exception as e:  # huggingface_hub / requests / urllib raise many types; all mean "not downloaded"
-        raise DownloadError(_hub_message(arch, e)) from e
+        raise DownloadError(_hub_message(arch, e, why)) from e
     cfg = model.pretrained_cfg
     return model.state_dict(), cfg.get("hf_hub_id") or cfg.get("url") or arch
 
 
-def _hub_message(arch: str, e: Exception) -> str:
-    return (f"could not download ImageNet weights for {arch} ({hub_id(arch)}) from the timm / Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Are you offline? Instead pass a local "
+def _hub_message(arch: str, e: Exception, unreachable_why: str | None) -> str:
+    import huggingface_hub.constants as hub
+
+    if unreachable_why is not None:
+        what = (f"the timm / Hugging Face hub ({hub.ENDPOINT}) is not reachable ({unreachable_why}) and the Hugging "
+                f"Face cache ({hub.HF_HUB_CACHE}) does not hold them. Are you offline?")
+    else:
+        first = plain_text(str(e)).splitlines()[0] if str(e) else ""
+        what = f"the timm / Hugging Face hub ({type(e).__name__}: {first}). Are you offline?"
+    return (f"could not download ImageNet weights for {arch} ({hub_id(arch)}) from {what} Instead pass a local "
             "weights file: pretrained=PATH (or --weights PATH), a .safetensors or .pth state dict of the same timm "
-            "architecture; or train from a random init with pretrained=False.")
+            "architecture (`tp3 pretrain --out body.safetensors` makes one offline, for --arch resnet10t); or train from a random init with "
+            "pretrained=False.")
 
 
 def check_weights(pretrained: WeightsArg, arch: str, n_in: int = 3) -> None:
@@ -205,6 +293,16 @@ def check_normalization(dls: Any, pretrained: WeightsArg, arch: str, n_in: int =
 
 def _fmt(values: list[float]) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def short_weights(weights: str) -> str:
+    """Where weights came from (describe_weights' words) short enough for a figure title: a file by its name and
+    digest, not its whole path ('file: /long/path/body.safetensors (sha256 ab12...)' -> 'file body.safetensors
+    (sha256 ab12...)')."""
+    if not weights.startswith("file: "):
+        return weights
+    path, _, digest = weights[len("file: "):].partition(" (sha256 ")
+    return f"file {Path(path).name}" + (f" (sha256 {digest}" if digest else "")
 
 
 def describe_weights(pretrained: WeightsArg, arch: str = "") -> tuple[str, dict | None]:
