@@ -21,7 +21,6 @@ MAX_PARAMETERS = 12
 OWNED_ELSEWHERE = {
     "data/images.py:folder_dls": "issue 23 (the pil pipeline)",
     "data/pipeline/build.py:device_dls": "issue 23",
-    "transfer/learner.py:resnet_learner": "issue 24 items 2-3 (resnet_learner's construction)",
 }
 
 

@@ -19,6 +19,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat as FastaiCrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.vision.learner import create_timm_model, default_split
+from fastcore.meta import delegates
 from torch import nn
 
 from ..core.checks import check_name, check_names
@@ -133,11 +134,10 @@ def input_size(dls: DataLoaders) -> int | None:
     return None
 
 
+@delegates(setup_learner, but=["learn"])
 def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: WeightsArg = False, n_in: int = 3,
-                   precision: str = "fp32", channels_last: bool | None = None, train_bn: bool = True,
-                   csv_path: str | Path | None = None, progress: bool | None = None,
-                   log: Callable[[str], None] | None = print, path: str | Path = ".", lr: float = 2e-3,
-                   name: str = "", size: int | None = None, stock: bool = False) -> Learner:
+                   train_bn: bool = True, path: str | Path = ".", lr: float = 2e-3, size: int | None = None,
+                   stock: bool = False, **kwargs: Any) -> Learner:
     """A timm model (body + a new fastai head sized to the classes), with every layer trainable, in the package's
     Learner (fastai's own with `stock`: its stock loop, for comparisons).
 
@@ -154,7 +154,8 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     checked to accept the DataLoaders' images (check_image_size, as the command line does; their side is `size` or
     read from the DataLoaders, see input_size): images too small for `arch` raise a ValueError naming the smallest
     size, before anything trains.
-    Optimiser: optimizer.default_opt_func; `channels_last` None: on CUDA (device.resolve_channels_last).
+    Optimiser: optimizer.default_opt_func. `kwargs` go to train.learner.setup_learner (precision, curves CSV, name,
+    progress, log, channels_last: None on CUDA only).
     """
     check_arch(arch)
     if lr <= 0:
@@ -184,8 +185,7 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
         learn.weights_load = load_body_weights(body, file, n_in)
     learn.weights, learn.weights_info = weights, weights_info
     learn.pretrained = weights != RANDOM_INIT
-    return setup_learner(learn, precision, csv_path, name=name or arch, progress=progress, log=log,
-                         channels_last=channels_last)
+    return setup_learner(learn, **{**kwargs, "name": kwargs.get("name") or arch})
 
 
 def trainable_summary(learn: Learner) -> tuple[int, int]:
