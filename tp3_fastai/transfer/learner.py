@@ -22,7 +22,7 @@ from fastai.vision.learner import create_timm_model, default_split
 from fastcore.meta import delegates
 from torch import nn
 
-from ..core.checks import check_name, check_names
+from ..core.checks import check_name
 from ..train.learner import count_params, setup_learner
 from ..train.loop import CrossEntropyLossFlat, learner_class
 from ..train.modes import check_modes, set_mode, training_mode  # noqa: F401 (set_mode: part of this module's API)
