@@ -230,9 +230,10 @@ def test_show_batch_and_show_results_draw_decoded_images(case):
     learn.dls.show_batch(max_n=4)
     axes = [ax for ax in plt.gcf().axes if ax.images]
     assert len(axes) == 4 and all(ax.get_title() in vocab for ax in axes)
-    for ax in axes:  # decoded: pixel values, not the normalised inputs (which go negative)
-        pixels = np.asarray(ax.images[0].get_array())
-        assert pixels.min() >= 0 and pixels.max() > 0
+    # decoded: pixel values, not the normalised inputs (which go negative). Not every image need have a bright
+    # pixel: three of LFW's 200 are near black (max below 0.05) and the lighting augmentation can take them to 0.
+    pixels = [np.asarray(ax.images[0].get_array()) for ax in axes]
+    assert min(p.min() for p in pixels) >= 0 and max(p.max() for p in pixels) > 0
     plt.close("all")
     learn.show_results(max_n=4)
     axes = [ax for ax in plt.gcf().axes if ax.images]

@@ -504,7 +504,7 @@ def test_a_pickled_model_is_refused_with_the_one_line_that_makes_it_load(bad_wei
     line = re.search(r"(python -c .*)$", str(e.value)).group(1)
     out = re.search(r"then pass (\S+):", str(e.value)).group(1)
     p = subprocess.run(shlex.split(line), cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=offline_guard.guard_env(tmp_path / "guard", dict(os.environ, PYTHONPATH=str(ROOT))))
+                       env=offline_guard.guard_env(dict(os.environ, PYTHONPATH=str(ROOT))))
     assert p.returncode == 0, p.stderr
     check_weights(tmp_path / out, ARCH)  # the file it wrote loads
 
@@ -574,7 +574,7 @@ def test_an_unreachable_hub_still_gives_the_weights_of_the_cache(hf_home, lfw_ca
 
 
 def test_the_command_line_says_an_unreachable_hub_in_one_line_without_retries(lfw_cache, tmp_path):
-    env = offline_guard.guard_env(tmp_path / "guard", dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9",
+    env = offline_guard.guard_env(dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9",
                                                            HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1"))
     env.pop("HF_HUB_OFFLINE", None)
     cmd = [sys.executable, str(ROOT / "scripts" / "finetune.py"), "--arch", ARCH, "--pretrained", "--size", "32",

@@ -53,7 +53,7 @@ def _run(tmp_path, name: str, **kwargs) -> tuple[dict, list[dict]]:
     from tp3_fastai.transfer.finetune import finetune_experiment
 
     run = tmp_path / name
-    finetune_experiment("lfw", arch="test_resnet", size=32, bs=16, epochs=1, modes=["scratch"], out=run,
+    finetune_experiment(data="lfw", arch="test_resnet", size=32, bs=16, epochs=1, modes=["scratch"], out=run,
                         cache_dir=tmp_path / "cache", progress=False, log=lambda m: None, pipeline="cached", **kwargs)
     return json.loads((run / "config.json").read_text()), read_curves(run / "metrics_scratch.csv")
 

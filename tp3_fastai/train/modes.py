@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 from fastai.callback.training import BnFreeze
 from fastai.learner import Learner
 
-from ..core.checks import check_name
+from ..core.checks import check_name, check_names
 
 COMMANDS = ("finetune", "label-efficiency", "bench", "run")
 TRANSFER = ("finetune", "label-efficiency", "run")  # the commands that train a target task
@@ -132,6 +132,9 @@ def check_modes(modes: str | Iterable[str], command: str) -> list[str]:
     names = [m for m in dict.fromkeys(str(m) for m in modes) if m]
     if not names:
         raise ValueError(f"no training mode given: tp3 {command} takes {', '.join(modes_for(command))}")
+    unknown = [n for n in names if n not in MODES and n not in RENAMED and n.partition(":")[0] not in FAMILIES]
+    if unknown:  # every unknown one at once, each with its close names among this command's modes
+        check_names(unknown, modes_for(command), "training mode")
     for name in names:
         mode = training_mode(name)
         if command not in mode.commands:
