@@ -11,6 +11,7 @@ import queue
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -46,6 +47,10 @@ def pytest_configure(config) -> None:
     config.tp3_home = Path(tempfile.mkdtemp(prefix="tp3-test-home-"))
     config.tp3_real_home = os.environ.get("HOME")
     os.environ["HOME"] = str(config.tp3_home)
+    # `make test` runs `.venv/bin/python -m pytest` without activating the venv: the commands the tests start by
+    # name (python, tp3, torchrun, the scripts' python3) are this interpreter's, as in a user's activated venv.
+    config.tp3_real_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), config.tp3_real_path])
 
 
 def pytest_unconfigure(config) -> None:
@@ -56,6 +61,7 @@ def pytest_unconfigure(config) -> None:
     if home is not None:
         if config.tp3_real_home is not None:
             os.environ["HOME"] = config.tp3_real_home
+        os.environ["PATH"] = config.tp3_real_path
         shutil.rmtree(home, ignore_errors=True)
 
 
