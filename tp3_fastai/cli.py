@@ -264,6 +264,7 @@ def label_efficiency(
     pretrain_lr: float = 5e-3,  # source pretraining learning rate
     source: str = "mnist",  # 'mnist' (digits 0-4 -> 5-9) or a source image folder <path>/<class>/*
     target: str = "",  # target image folder (only with a source folder)
+    shift: str = "label",  # target: label (new classes), or the source classes' held-out images: invert, noise, blur
     weights: str = "",  # use this weights file instead of a source-pretrained body
     curves_k: int = 0,  # also record per-epoch curves of every mode at this k (first seed): comparison.png
     cache_dir: str = str(BODY_CACHE),  # body cache
@@ -280,7 +281,7 @@ def label_efficiency(
         config = StudyConfig(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), modes=split_list(modes),
                              arch=arch, size=size, n_in=n_in, epochs=epochs, bs=bs, lr=lr, lr_mult=lr_mult,
                              recalibrate=not no_recalibrate, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
-                             source=source, target=target or None, weights=weights or None,
+                             source=source, target=target or None, shift=shift, weights=weights or None,
                              curves_k=curves_k or None, cache_dir=cache_dir, retrain=retrain, device=device,
                              precision=precision, out=out, overwrite=overwrite, command=command_line())
         return study(config)
@@ -346,6 +347,7 @@ def bench_freeze(
     compare: str = "",  # OTHER/bench.json: ratio to that run per cell (same arch/size/bs); A.json,B.json: no measuring
     pipeline: str = "pil,device,cached",  # input pipelines compared side by side in the pipeline section
     pipeline_aug: str = "default",  # augmentation in the pipeline section ('none': decoding and crops alone)
+    depth_modes: str = "",  # modes timed in alternating rounds with their saved activations, e.g. frozen_to:0,...,frozen_to:5,frozen,gradual
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
     from .bench import BenchConfig, bench_training_modes
@@ -358,7 +360,7 @@ def bench_freeze(
                          jpeg_images=jpeg_images, num_workers=num_workers, epoch_images=epoch_images,
                          epochs_estimate=epochs_estimate, lr=lr, device=device, seed=seed,
                          count_reads=not no_count_reads, threads=threads, quick=quick, out=out, overwrite=overwrite,
-                         cache_dir=cache_dir, command=command_line())
+                         cache_dir=cache_dir, depth_modes=depth_modes or None, command=command_line())
     if compare:
         return run_guarded(bench_and_compare, compare=compare, config=config)
     return run_guarded(bench_training_modes, config=config)
