@@ -60,8 +60,8 @@ def bench_depth(dls, arch: str, modes: Sequence[str], batches, dev: torch.device
     """Step time (plain PyTorch loop, the package's AdamW, synthetic batches), saved activations and peak memory of
     each mode, built by mode_learner (same initial weights). The modes alternate round by round, so that machine
     noise hits them alike. A gradual mode is timed in each state of its first `epochs` epochs (one more group
-    trains each epoch); its row holds their mean over those epochs (peak memory: the largest). discriminative:R costs what every layer costs: its rates differ,
-    not its work. `ratio_vs_first`: step time over the first mode's (median over rounds of the paired ratio)."""
+    trains each epoch); its row holds their mean over those epochs (peak memory: the largest). discriminative:R
+    costs what every layer costs: its rates differ, not its work. `ratio_vs_first`: step time over the first mode's (median over rounds of the paired ratio)."""
     warmup, steps, repeats, bs, lr = plan.warmup, plan.steps, plan.repeats, plan.bs, plan.lr
     modes = check_modes(modes, "bench")
     loops: dict[str, PlainLoop] = {}

@@ -203,9 +203,9 @@ def plan_bench(config: BenchConfig) -> BenchConfig:
         raise ValueError("--depth-modes: precomputed trains on cached features, not through the body: choose "
                          "frozen for the head-only step")
     if depth_modes:
-        from ..transfer.stages import check_stages
+        from ..transfer.stages import check_stage_modes
 
-        check_stages(cfg.arch)
+        check_stage_modes(cfg.arch, depth_modes)
     if "precomputed" in pipeline_modes:
         raise ValueError("the pipeline comparison trains on the images themselves: precomputed does not apply; "
                          "choose from " + ", ".join(m for m in BENCH_MODES if m != "precomputed"))

@@ -23,7 +23,7 @@ from ..data.tasks import SHIFTS
 from ..train.modes import STAGE_GROUPS, check_modes, training_mode
 from ..transfer.label_efficiency import StudyConfig, label_efficiency
 from ..transfer.pretrain import DEFAULT_ARCH
-from ..transfer.stages import check_stages
+from ..transfer.stages import check_stage_modes
 from .depth import bench_depth, falls_with_depth
 from .loops import BatchLoader, synthetic_batches
 from .timing import StepPlan, load_average
@@ -91,7 +91,7 @@ def check_depth(cfg: DepthConfig) -> DepthConfig:
             raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.threads is not None and cfg.threads <= 0:
         raise ValueError(f"threads must be positive, got {cfg.threads}")
-    check_stages(cfg.arch)
+    check_stage_modes(cfg.arch, [*modes, *surgical], cfg.n_in)
     return replace(cfg, modes=modes, surgical_modes=surgical, ks=ks, seeds=seeds)
 
 
@@ -266,8 +266,8 @@ def _markdown(cfg: DepthConfig, cost: list[dict[str, Any]], points: list[dict[st
                 row[f"k={k} accuracy per s"] = p["accuracy_per_s"]
         table.append(row)
     columns = ["mode", *[f"k={k} {c}" for k in ks for c in ("accuracy", "s/epoch", "accuracy per s")]]
-    lines += ["", f"Test accuracy on the {n_test:,} unseen target digits (5-9), mean ± std over seeds {cfg.seeds} (runs), "
-              f"{cfg.epochs} epochs, batch {cfg.bs}, lr {cfg.lr:g}; cost per epoch = training steps x the step time "
+    lines += ["", f"Test accuracy on the {n_test:,} unseen target digits (5-9), mean ± std over seeds {cfg.seeds} "
+              f"(runs), {cfg.epochs} epochs, batch {cfg.bs}, lr {cfg.lr:g}; cost per epoch = training steps x the step time "
               "above:", "", markdown_table(table, columns), ""]
     for v in verdicts:
         if not v["complete"]:

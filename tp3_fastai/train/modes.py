@@ -106,9 +106,8 @@ MODES: dict[str, TrainingMode] = {m.name: m for m in (
     TrainingMode("unfrozen", "unfrozen (every layer trains)", 0, True, "one_cycle", True, ("bench",)),
     TrainingMode("precomputed", "precomputed (body frozen as in frozen; its features computed once, the head "
                  "trains on them)", -1, False, "features", True, ("bench",)),
-    TrainingMode("gradual", "gradual (the head alone, then one more stage each epoch from the head down, frozen "
-                 "stages' BatchNorm frozen too: ULMFiT's gradual unfreezing)", -1, False, "gradual", True,
-                 TRANSFER + ("bench",)),
+    TrainingMode("gradual", "gradual (the head first, then one more stage each epoch, from the top: ULMFiT)", -1,
+                 False, "gradual", True, TRANSFER + ("bench",)),
 )}
 
 # the modes each command runs when none are given
@@ -163,9 +162,9 @@ def frozen_to(argument: str) -> TrainingMode:
     """`frozen_to:K`: the first K parameter groups frozen with their BatchNorm (eval mode, statistics kept), the
     rest trains; K = 0 every layer, 5 = frozen (the head alone)."""
     k = _depth("frozen_to", argument, "the number of stage groups frozen")
-    what = {0: "nothing frozen: every layer trains", STAGE_GROUPS - 1: "the whole body frozen: the head alone trains"}
-    return TrainingMode(f"frozen_to:{k}", f"frozen_to:{k} (the first {k} of 6 stage groups frozen, their BatchNorm "
-                        f"too: {what.get(k, 'the later stages and the head train')})", k, False, "one_cycle", True,
+    what = {0: "nothing frozen", STAGE_GROUPS - 1: "the whole body frozen, BatchNorm too"}
+    label = what.get(k, f"the first {k} stage groups frozen, BatchNorm too")
+    return TrainingMode(f"frozen_to:{k}", f"frozen_to:{k} ({label})", k, False, "one_cycle", True,
                         TRANSFER + ("bench",))
 
 
@@ -173,7 +172,7 @@ def frozen_bn_to(argument: str) -> TrainingMode:
     """`frozen_bn_to:K`: as frozen_to:K, the BatchNorm layers of the frozen groups training (5 = frozen_bn)."""
     k = _depth("frozen_bn_to", argument, "the number of stage groups frozen")
     return replace(frozen_to(argument), name=f"frozen_bn_to:{k}", train_bn=True,
-                   label=f"frozen_bn_to:{k} (the first {k} of 6 stage groups frozen, their BatchNorm trains)")
+                   label=f"frozen_bn_to:{k} (the first {k} stage groups frozen, their BatchNorm trains)")
 
 
 def surgical(argument: str) -> TrainingMode:
@@ -181,9 +180,8 @@ def surgical(argument: str) -> TrainingMode:
     BatchNorm (Lee et al., ICLR 2023: surgical fine-tuning)."""
     k = _depth("surgical", argument, "the stage group that trains", STAGE_GROUPS - 2)
     name = "stem" if k == 0 else f"layer{k}"
-    return TrainingMode(f"surgical:{k}", f"surgical:{k} ({name} alone trains, with the head; the other stages "
-                        "frozen, their BatchNorm too)", -1, False, "one_cycle", True, TRANSFER + ("bench",),
-                        train_groups=(k,))
+    return TrainingMode(f"surgical:{k}", f"surgical:{k} ({name} alone trains with the head)", -1, False, "one_cycle",
+                        True, TRANSFER + ("bench",), train_groups=(k,))
 
 
 def discriminative(argument: str) -> TrainingMode:
@@ -195,9 +193,9 @@ def discriminative(argument: str) -> TrainingMode:
     if not r >= 1 or argument != argument.strip() or r == float("inf"):
         raise ValueError(f"training mode 'discriminative:{argument}': discriminative takes the ratio of the head's "
                          "learning rate to the stem's, a number >= 1, e.g. discriminative:10")
-    return TrainingMode(f"discriminative:{argument}", f"discriminative:{argument} (every layer trains, rates from "
-                        f"lr/{argument} at the stem to lr at the head, geometric by stage)", 0, True, "one_cycle",
-                        True, TRANSFER + ("bench",), lr_mult=r)
+    return TrainingMode(f"discriminative:{argument}", f"discriminative:{argument} (every layer, rates lr/{argument} at "
+                        "the stem up to lr at the head)", 0, True, "one_cycle", True, TRANSFER + ("bench",),
+                        lr_mult=r)
 
 
 register_family("frozen_to", frozen_to, "K", "3")
@@ -252,6 +250,12 @@ def check_modes(modes: str | Iterable[str], command: str) -> list[str]:
             raise ValueError(f"training mode {name!r} does not apply to tp3 {command} (it applies to tp3 "
                              f"{', '.join(mode.commands)}): choose from {_choices(command)}")
     return names
+
+
+def mode_file_name(name: str) -> str:
+    """The mode's name as run folders write it in file and folder names ('frozen_to:3' -> 'frozen_to-3': a colon
+    is not allowed in Windows file names)."""
+    return training_mode(name).name.replace(":", "-")
 
 
 def mode_label(name: str) -> str:

@@ -24,7 +24,7 @@ from ..train.curves import plot_curves
 from ..core.device import env_info, pick_device, resolve_precision
 from ..data.images import plot_image_grid
 from ..core.config import BODY_CACHE, build_config, config_dict
-from ..train.modes import DEFAULT_MODES, check_modes, mode_label, training_mode
+from ..train.modes import DEFAULT_MODES, check_modes, mode_file_name, mode_label, training_mode
 from ..train.optimizer import OPTIMIZER_NAME
 from .pretrain import DEFAULT_ARCH, BodyConfig, describe_body, pretrained_body
 from ..core.runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
@@ -417,7 +417,7 @@ def _run_grid(run: Path, tgt: TargetTask, cfg: StudyConfig, setup: TargetSetup, 
             for mode in modes:
                 curves = k == cfg.curves_k and seed == seeds[0]
                 learn, r = target_run(tgt, mode, k, seed, setup, device=dev, precision=prec, progress=False,
-                                      csv_path=run / f"curves_{mode}.csv" if curves else None, log=None)
+                                      csv_path=run / f"curves_{mode_file_name(mode)}.csv" if curves else None, log=None)
                 if curves:
                     histories[mode_label(mode)] = learn.curves.history
                     if mode == modes[-1]:

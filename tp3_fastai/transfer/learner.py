@@ -27,7 +27,7 @@ from ..train.modes import check_modes, set_mode, training_mode  # noqa: F401 (se
 from ..train.optimizer import default_opt_func
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
 from .weights import check_normalization
-from .stages import describe_trainable, group_names, has_stages, stage_split
+from .stages import check_stage_modes, describe_trainable, group_names, has_stages, stage_split
 
 MAX_IMAGE_SIZE = 4096  # the search for the smallest image a body accepts stops here
 
@@ -53,9 +53,12 @@ def _feature_error(features: Callable[[torch.Tensor], torch.Tensor], size: int, 
 def check_plan(modes: Sequence[str], command: str, arch: str, epochs: int, bs: int, lr: float,
                freeze_epochs: int) -> list[str]:
     """The modes to run (repeats dropped), each one of the table's modes for `command`, with a trainable
-    architecture and a positive schedule in which fine_tune has both phases; raises ValueError before any work."""
+    architecture (that has the stage groups the modes name) and a positive schedule in which fine_tune has both
+    phases; raises ValueError before any work."""
     modes = check_modes(modes, command)
     check_arch(arch)
+    if any(":" in m for m in modes):  # a stage mode: the architecture must have the groups it names
+        check_stage_modes(arch, modes)
     if epochs <= 0 or bs <= 0 or lr <= 0:
         raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
     if any(training_mode(m).schedule == "fine_tune" for m in modes) and not 0 < freeze_epochs < epochs:
@@ -115,8 +118,12 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     Learner (fastai's own with `stock`: its stock loop, for comparisons).
 
     Built from fastai's public pieces as fastai's `vision_learner(dls, arch, normalize=False, pretrained=False)`
-    builds it: `create_timm_model` (fastai's head, its initialisation), the same attributes (`arch`, `n_out`, `n_in`, `normalize`); the learner's class is the
-    package's from the start, with the package's CrossEntropyLossFlat (fastai's with `stock`).
+    builds it: `create_timm_model` (fastai's head, its initialisation), the same attributes (`arch`, `n_out`,
+    `n_in`, `normalize`); the learner's class is the package's from the start, with the package's
+    CrossEntropyLossFlat (fastai's with `stock`). Its splitter cuts the parameters by stage
+    (transfer.stages.stage_split: stem, layer1..layer4, head for a ResNet; one group per entry of the body's timm
+    `feature_info`), so fastai's `freeze_to(k)` freezes the first k stages and `slice(lo, hi)` spreads rates over
+    them; a body without `feature_info` gets fastai's `default_split` (body, head).
 
     `pretrained`: True (ImageNet weights from the timm / Hugging Face hub), False (random init) or the path of a
     .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with

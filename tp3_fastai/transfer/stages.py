@@ -6,14 +6,16 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from fastai.torch_core import get_model
 from torch import nn
 
-__all__ = ["StageGroup", "check_stages", "has_stages", "stage_groups", "stage_split", "group_names", "trainable_groups",
-           "describe_trainable", "saved_for_backward"]
+from ..train.modes import check_groups, training_mode
+
+__all__ = ["StageGroup", "check_stage_modes", "has_stages", "stage_groups", "stage_split", "group_names",
+           "trainable_groups", "describe_trainable", "saved_for_backward"]
 
 
 @dataclass
@@ -40,14 +42,19 @@ def has_stages(model: nn.Module) -> bool:
     return _timm_model(model) is not None and len(model) >= 2
 
 
-def check_stages(arch: str) -> None:
-    """A ValueError, before any work, when the timm architecture `arch` does not list its stages (feature_info)."""
-    import timm
+def check_stage_modes(arch: str, modes: Sequence[str], n_in: int = 3) -> list[str]:
+    """The names of the stage groups of `arch` (built once, no weights); a ValueError before any work when a mode
+    names groups it lacks (e.g. frozen_to:5 on a ConvNeXt: 4 stages and the head) or it lists no stages."""
+    from fastai.vision.learner import create_timm_model
 
-    model = timm.create_model(arch, pretrained=False, num_classes=0)
-    if not getattr(model, "feature_info", None):
+    model, _ = create_timm_model(arch, 2, pretrained=False, n_in=n_in)
+    if not has_stages(model):
         raise ValueError(f"{arch} does not list its stages (timm's feature_info), so it has no stage groups: choose "
                          "a timm CNN such as resnet18 for the stage modes")
+    names = [g.name for g in stage_groups(model)]
+    for mode in modes:
+        check_groups(training_mode(mode), len(names), names)
+    return names
 
 
 def _locate(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
