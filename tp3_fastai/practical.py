@@ -296,7 +296,8 @@ def run_practical(config: PracticalConfig | None = None, *, log: Callable[[str],
                 from .bench.tradeoff import DepthConfig, depth_study
 
                 known = {f.name for f in fields(DepthConfig)}
-                options = {k: v for k, v in (cfg.study_options or {}).items() if k in known}
+                # one torch thread: steady step times on a shared CPU (measured: 44 s for this part, wall = CPU time)
+                options = dict(threads=1) | {k: v for k, v in (cfg.study_options or {}).items() if k in known}
                 depth = depth_study(modes=list(cfg.depth_modes), surgical_modes=(), ks=(min(cfg.ks),),
                                     seeds=cfg.seeds, device=device, precision=precision, out=run / "part2_depth",
                                     overwrite=True, log=log, **options)
