@@ -5,8 +5,9 @@ costs with each speed lever.
 Modules: ``timing`` (timings, spread and device helpers), ``loops`` (loaders, the plain and fastai training loops,
 host-read counting; the lean loop is ``tp3_fastai.train.loop``), ``mnist`` (the MNIST loop benchmark), ``modes``
 (training modes x speed levers: building and measuring each mode, loop overhead, input pipeline), ``freeze`` (the
-whole training-modes benchmark, its configuration and its run folder) and ``report`` (its Markdown report and
-chart).
+whole training-modes benchmark, its configuration and its run folder), ``report`` (its Markdown report and
+chart), ``depth`` (what each freeze depth costs: step time in alternating rounds, activations kept for backward)
+and ``tradeoff`` (the depth study: accuracy against cost, surgical fine-tuning on two shifts).
 """
 from .freeze import (CPU_MEMORY_NOTE, PRESETS, BenchConfig, bench_training_modes, jpeg_folder, plan_bench,
                      resolve_config)

@@ -267,7 +267,12 @@ class GradualUnfreezing(Callback):
     """ULMFiT's gradual unfreezing within one fit: before each training epoch, fastai's `opt.freeze_to(k)` with k
     one group lower than the epoch before (the head alone first, then the last stage with it, ...), keeping the
     optimiser state of the groups already training. Runs before BnFreeze, which then puts the BatchNorm layers of
-    the groups still frozen in eval mode."""
+    the groups still frozen in eval mode.
+
+    In a data-parallel fit, DistributedDataParallel all-reduces the gradients of the parameters that trained when
+    it wrapped the model (fastai's DistributedTrainer wraps it once, before the fit): when a group thaws, the model
+    is wrapped again by the trainer's accelerator, on every rank at the same epoch, so that the new group's
+    gradients are all-reduced too (without it the ranks' weights drifted apart)."""
     order = -5  # after TrainEvalCallback (-10) put the model in training mode, before BnFreeze (0)
 
     def __init__(self, mode: TrainingMode):
@@ -275,8 +280,14 @@ class GradualUnfreezing(Callback):
 
     def before_train(self) -> None:
         opt = self.learn.opt
-        frozen = self.mode.frozen_groups(len(opt.param_lists), self.learn.epoch)
-        opt.freeze_to(sum(frozen))  # a prefix: gradual thaws from the head down
+        frozen = sum(self.mode.frozen_groups(len(opt.param_lists), self.learn.epoch))
+        if frozen == getattr(opt, "frozen_idx", None):
+            return
+        opt.freeze_to(frozen)  # a prefix: gradual thaws from the head down
+        trainer = next((cb for cb in self.learn.cbs if hasattr(cb, "accelerator")), None)
+        wrapped = getattr(self.learn.model, "module", None)
+        if trainer is not None and wrapped is not None:  # data-parallel: all-reduce the thawed group's gradients
+            self.learn.model = trainer.accelerator.prepare(wrapped)
 
 
 def check_groups(mode: TrainingMode, n_groups: int, names: Sequence[str] = ()) -> None:
