@@ -79,6 +79,18 @@ class FirstStepState(Probe):
                                opt=plain_copy(self.learn.opt.state_dict()["state"]), epoch=self.learn.epoch)
 
 
+class EpochSchedule(Probe):
+    """At the first training batch of each epoch (after the scheduler set the rates): the weights that train and
+    the learning rate of each parameter group, by the epoch's number within the fit."""
+    order = 70  # after ParamScheduler (60)
+
+    def before_batch(self) -> None:
+        if self.training and self.iter == 0:
+            trainable = sum(p.numel() for p in self.learn.model.parameters() if p.requires_grad)
+            self.record.setdefault("epochs", {})[self.learn.epoch] = (
+                trainable, [round(float(h["lr"]), 12) for h in self.learn.opt.hypers])
+
+
 class FirstInputs(Probe):
     """The inputs the model got: the first training batch, and the first batch of the last evaluation pass."""
 

@@ -35,7 +35,7 @@ from tp3_fastai.data.images import image_dls  # noqa: E402
 from tp3_fastai.transfer.label_efficiency import RecalibrateBN, target_run  # noqa: E402
 from tp3_fastai.mnist.learner import mnist_learner  # noqa: E402
 from tp3_fastai.data.tasks import mnist_tasks  # noqa: E402
-from tp3_fastai.transfer.learner import resnet_learner  # noqa: E402
+from tp3_fastai.transfer.learner import resnet_learner, set_mode  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_ITEMS = 4  # new items per learner
@@ -80,6 +80,21 @@ def image_folder_case(folder: Path, pipeline: str = "auto") -> Case:
     return Case(learn, items, layers=("Conv2d", "BatchNorm2d", "Linear"), augments=True)
 
 
+def depth_mode_case(folder: Path, mode: str = "gradual") -> Case:
+    """A learner by stage groups in a mode of fine-tuning by depth: gradual carries BnFreeze and the package's
+    GradualUnfreezing among its callbacks (exported with them), and trains the head alone in its first epoch."""
+    dls = image_dls("lfw", size=32, bs=16, aug="none", cache_dir=folder / "cache")
+    items = []
+    for i, f in enumerate(dls.valid_ds.items[:N_ITEMS]):
+        items.append(folder / "new" / f"image_{i}.png")
+        items[-1].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, items[-1])
+    learn = resnet_learner(dls, "resnet10t", csv_path=folder / "metrics.csv", progress=False, path=folder)
+    set_mode(learn, mode)
+    assert len(learn.opt.param_lists) == 6  # stem, layer1..layer4, head
+    return Case(learn, items, layers=("Conv2d", "BatchNorm2d", "Linear"))
+
+
 def label_efficiency_case(folder: Path) -> Case:
     _, target = mnist_tasks(target_test_pct=0.2, valid_pct=0.05)  # 500 test digits: target_run scores them
     learn, _ = target_run(target, "scratch", k=5, seed=0, weights=False, arch="resnet10t", size=32, epochs=1,
@@ -103,6 +118,7 @@ FACTORIES: dict[str, Callable[[Path], Case]] = {
     "image_folder": image_folder_case,  # the default pipeline: decoded cache
     "image_folder_pil": lambda folder: image_folder_case(folder, "pil"),  # fastai's PIL item transforms
     "image_folder_device": lambda folder: image_folder_case(folder, "device"),  # streamed, decoded per batch
+    "depth_mode": depth_mode_case,  # gradual unfreezing on stage groups (issue 26)
     "label_efficiency": label_efficiency_case,
     "features": features_case,
 }

@@ -21,7 +21,7 @@ from tp3_fastai.transfer.finetune import finetune_experiment
 from tp3_fastai.data.images import image_dls
 from tp3_fastai.transfer.learner import check_image_size, resnet_learner, train_mode
 from conftest import run_then_kill
-from probes import FirstStepState, assert_same_state, installed
+from probes import EpochSchedule, FirstStepState, assert_same_state, installed
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "test_resnet"  # timm's smallest ResNet: seconds per run on the CPU
@@ -173,6 +173,44 @@ def test_sigkill_mid_finetune_then_resume_through_the_script_completes_every_epo
     assert not last.exists()  # done: resume's file is removed, the best epoch's weights stay
     assert torch.load(last.with_name("best.pth"), weights_only=True)["epoch"] == s["modes"]["finetune"]["best_epoch"]
     _continued(read_curves(out / "metrics_finetune.csv")[start], uninterrupted(1)[start])
+
+
+DEPTH_MODES = ["frozen_to:2", "frozen_bn_to:3", "surgical:1", "discriminative:10", "gradual"]
+
+
+@pytest.mark.parametrize("mode", DEPTH_MODES)
+def test_sigkill_mid_run_then_resume_continues_each_depth_mode_where_it_stopped(cache, tmp_path, capsys, mode):
+    """The modes of fine-tuning by depth resume like the others: killed after epoch 3's row, resumed through
+    `tp3 finetune --resume`, from the checkpoint's weights and optimiser state, with the uninterrupted run's
+    weights that train and learning rates at every resumed epoch (gradual: the groups thawed by then)."""
+    out, stem = tmp_path / "run", mode.replace(":", "-")
+    args = ["--arch", ARCH, "--size", "32", "--bs", "32", "--aug", "none", "--device", "cpu", "--cache-dir",
+            str(cache)]
+    with installed(EpochSchedule) as schedules:
+        full = finetune_experiment(modes=[mode], epochs=4, out=tmp_path / "full", cache_dir=cache, log=lambda s: None,
+                                   **FAST)
+    want = schedules[0]["epochs"]
+    assert [want[e][0] for e in range(4)] == ([want[0][0]] * 4 if mode != "gradual" else sorted(
+        want[e][0] for e in range(4)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_then_kill([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args, "--modes", mode, "--epochs", "4",
+                   "--out", str(out)], f"{mode} epoch 3/4", timeout=240, env=env)
+    last = out / "checkpoints" / stem / "last.pth"
+    assert last.is_file() and not (out / "summary.json").exists()
+    saved = torch.load(shutil.copy(last, tmp_path / "killed.pth"), weights_only=True)
+    with installed(FirstStepState) as records, installed(EpochSchedule) as resumed:
+        tp3(["finetune", "--resume", str(out), "--device", "cpu", "--cache-dir", str(cache)])
+    _restored(records, saved)
+    start = saved["epoch"]
+    assert start in (2, 3) and f"{mode}: resuming after epoch {start}/4" in capsys.readouterr().out
+    got = [r for r in resumed if r.get("epochs")][0]["epochs"]
+    assert got == {e: want[e] for e in range(start, 4)}  # what trains, at which rates, epoch by epoch
+    assert _epochs(out / f"metrics_{stem}.csv") == [1, 2, 3, 4]
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["modes"]) == [mode] and s["resumed"] == {mode: start} and (out / "model.pkl").is_file()
+    assert s["modes"][mode]["phases"] == full["modes"][mode]["phases"]
+    # (no loss tolerance here: the restored state and the schedule are checked exactly above; the first resumed
+    # epoch's batch order differs from the uninterrupted run's, which moved frozen_bn_to:3's valid loss by 0.033)
 
 
 def test_script_resume_of_a_folder_without_config_says_so(tmp_path, capsys):

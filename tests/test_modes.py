@@ -33,8 +33,20 @@ def test_the_table_says_what_each_mode_freezes_and_where_it_applies():
     assert not M.MODES["scratch"].pretrained and M.MODES["scratch"].freeze_to == 0
     assert M.MODES["finetune"].schedule == "fine_tune" and M.MODES["precomputed"].schedule == "features"
     assert M.modes_for("finetune") == M.modes_for("label-efficiency") == M.modes_for("run") == (
-        "scratch", "finetune", "frozen", "frozen_bn")
-    assert set(M.modes_for("bench")) == {"frozen", "frozen_bn", "unfrozen", "precomputed"}
+        "scratch", "finetune", "frozen", "frozen_bn", "gradual")
+    assert set(M.modes_for("bench")) == {"frozen", "frozen_bn", "unfrozen", "precomputed", "gradual"}
+    assert M.families_for("finetune") == M.families_for("bench") == (
+        "frozen_to:K", "frozen_bn_to:K", "surgical:K", "discriminative:R")
+    # the ends of the depth families are the table's rows: frozen_to:5 is frozen, frozen_bn_to:5 is frozen_bn
+    for family, row in (("frozen_to", "frozen"), ("frozen_bn_to", "frozen_bn")):
+        a, b = M.training_mode(f"{family}:5").settings(), M.MODES[row].settings()
+        assert {k: v for k, v in a.items() if k not in ("label", "freeze_to")} == {
+            k: v for k, v in b.items() if k not in ("label", "freeze_to")}
+        assert M.training_mode(f"{family}:5").frozen_groups(6) == M.MODES[row].frozen_groups(6) == [True] * 5 + [False]
+    assert M.training_mode("frozen_to:0").frozen_groups(6) == M.MODES["unfrozen"].frozen_groups(6) == [False] * 6
+    assert M.training_mode("surgical:2").frozen_groups(6) == [True, True, False, True, True, False]
+    assert M.training_mode("discriminative:10").lr_max(1e-3) == slice(1e-4, 1e-3)
+    assert [sum(M.MODES["gradual"].frozen_groups(6, e)) for e in range(7)] == [5, 4, 3, 2, 1, 0, 0]
     for command, defaults in M.DEFAULT_MODES.items():
         assert M.check_modes(defaults, command) == list(defaults)
     # every label starts with its mode's name: legends and reports show the name and what trains
@@ -48,7 +60,13 @@ def test_the_table_says_what_each_mode_freezes_and_where_it_applies():
                              "choose from scratch, finetune, frozen, frozen_bn"),
     ("scratch", "bench", "training mode 'scratch' does not apply to tp3 bench"),
     ("frozn", "label-efficiency", "unknown training mode 'frozn'. Did you mean: frozen"),
-    ("", "run", "no training mode given: tp3 run takes scratch, finetune, frozen, frozen_bn"),
+    ("", "run", "no training mode given: tp3 run takes scratch, finetune, frozen, frozen_bn, gradual, frozen_to:K, "
+                "frozen_bn_to:K, surgical:K, discriminative:R"),
+    ("frozen_to:6", "finetune", "training mode 'frozen_to:6': frozen_to takes the number of stage groups frozen, 0-5"),
+    ("frozen_to:03", "bench", "training mode 'frozen_to:03': frozen_to takes the number of stage groups frozen, 0-5"),
+    ("surgical:5", "label-efficiency", "training mode 'surgical:5': surgical takes the stage group that trains, 0-4"),
+    ("discriminative:0.5", "run", "training mode 'discriminative:0.5': discriminative takes the ratio of the head's "
+                                  "learning rate to the stem's, a number >= 1"),
 ])
 def test_unknown_old_or_misplaced_modes_are_refused_in_one_line(modes, command, message):
     with pytest.raises(ValueError) as e:

@@ -36,6 +36,12 @@ def test_the_report_shows_every_part_with_the_numbers_the_parts_wrote(report):
     assert "pretrained here on MNIST digits 0,1,2,3,4" in md and study["body"]["sha256"][:16] in md
     acc = study["accuracy"]["finetune"]["5"][0]
     assert f"| 5 | {study['accuracy']['scratch']['5'][0]:.3f} ± 0.000 (1) |" in md and f"{acc:.3f}" in md
+    depth = json.loads((report / "part2_depth" / "summary.json").read_text())
+    assert depth["config"]["ks"] == [5] and depth["config"]["arch"] == "test_resnet"  # the study's smallest k, body
+    assert depth["body"]["sha256"] == study["body"]["sha256"]  # the same cached body
+    for p in depth["points"]:  # the depth table holds each mode's accuracy, as the depth study measured it
+        assert f"| {p['mode']} | 5 |" in md and f"{p['accuracy']:.3f} ± 0.000 (1)" in md
+    assert md.count("does a depth strictly between 0 and 5 beat both ends") == 1
     rf = json.loads((report / "part3_rf" / "summary.json").read_text())
     # resnet18's last stage sees 435 px with a jump of 32, analytic and measured (64 px input, grown to measure)
     assert "| layer4.1.act2 | 435x435 | 32x32 | 435x435 | yes |" in md and "| maxpool | 11x11 | 4x4 | 11x11 | yes |" in md
@@ -51,8 +57,8 @@ def test_every_figure_of_the_report_exists_and_the_html_embeds_it(report):
     md = (report / "report.md").read_text()
     html = (report / "report.html").read_text()
     figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
-    assert len(figures) == 9  # Part 0 architectures, activations, 2 kernel grids; Part I curves; Part II label
-    # efficiency, curves, predictions; Part III ERF
+    assert len(figures) == 10  # Part 0 architectures, activations, 2 kernel grids; Part I curves; Part II label
+    # efficiency, curves, predictions, depth trade-off; Part III ERF
     # each shows what it is named for: curves in a colour per model or mode, images, the effective-field heat map
     kernel_tiles = lambda img: image_area(img)[0] > 0.15 and image_area(img)[1] > 20  # grey tiles, many levels
     drawn = {"architectures.png": lambda img: min(count_colour(img, c) for c in CYCLE[:7]) > 40,  # 7 networks
@@ -62,12 +68,13 @@ def test_every_figure_of_the_report_exists_and_the_html_embeds_it(report):
              "label_efficiency.png": lambda img: min(count_colour(img, c) for c in CYCLE[:4]) > 40,  # 4 modes
              "comparison.png": lambda img: min(count_colour(img, c) for c in CYCLE[:4]) > 40,
              "predictions.png": lambda img: image_area(img)[0] > 0.3,
+             "tradeoff.png": lambda img: count_colour(img, CYCLE[0]) > 40,  # the frozen_to:K points and line
              "erf.png": lambda img: colormap_pixels(img, "viridis")[0] > 10_000}  # measured 22,122
     assert sorted(Path(f).name for f in figures) == sorted(drawn)
     for f in figures:
         assert drawn[Path(f).name](pixels(report / f)), f
         assert f'src="{f}"' in html
-    assert html.count("<table") == md.count("\n|---|") == 8
+    assert html.count("<table") == md.count("\n|---|") == 9
 
 
 def test_part_two_runs_the_image_folder_experiment_when_given_images(tmp_path):

@@ -61,7 +61,8 @@ def test_resnet50_learner_counts_and_head(dls, tmp_path):
     assert trainable == total > body_params == 23_508_032
     assert learn.model[1][-1].out_features == 2  # new head sized to the classes
     assert learn.weights == RANDOM_INIT and learn.pretrained is False
-    assert len(learn.splitter(learn.model)) == 2  # body and head: discriminative learning rates possible
+    # by stage (stem, layer1..layer4) and the head: freezing and discriminative learning rates stage by stage
+    assert len(learn.splitter(learn.model)) == 6
 
 
 def test_unknown_arch_suggests_close_names(dls, tmp_path):
@@ -117,7 +118,9 @@ def test_fine_tune_trains_head_first_then_unfreezes(dls, tmp_path):
     done = train_mode(learn, "finetune", epochs=2, lr=1e-3, freeze_epochs=1)
     (first, lrs1), (second, lrs2) = rec.seen
     assert first[0] < first[1] and second[0] == second[1]
-    assert lrs2[0] == pytest.approx(lrs2[1] / 100)  # discriminative: body lr is head lr / 100
+    # discriminative: the stem's lr is the head's / 100, spread geometrically over the stage groups between them
+    assert lrs2[0] == pytest.approx(lrs2[-1] / 100) and len(lrs2) == 6
+    assert all(b / a == pytest.approx(100 ** 0.2) for a, b in zip(lrs2, lrs2[1:]))
     assert [p["epochs"] for p in done["phases"]] == [1, 1]
     assert done["phases"][0]["trainable_params"] == first[0]
     assert [r["epoch"] for r in learn.curves.history] == [1, 2]  # numbered across fastai's two fits
@@ -299,7 +302,7 @@ def test_fine_tune_gives_the_body_the_head_rate_over_lr_mult(dls, tmp_path):
     learn.add_cbs([rec, ShortEpochCallback(pct=0.3, short_valid=True)])
     done = train_mode(learn, "finetune", epochs=2, lr=1e-3, freeze_epochs=1, lr_mult=4)
     (_, lrs1), (_, lrs2) = rec.seen
-    assert lrs2[0] == pytest.approx(lrs2[1] / 4)  # not fastai's default 100
+    assert lrs2[0] == pytest.approx(lrs2[-1] / 4)  # not fastai's default 100
     assert done["phases"][1]["lr"] == "slice(0.000125, 0.0005)"
     with pytest.raises(ValueError, match="lr_mult must be positive"):
         train_mode(learn, "finetune", epochs=2, freeze_epochs=1, lr_mult=0)

@@ -64,6 +64,13 @@ TRAIN_BN_GONE = ("--train-bn and --no-train-bn are gone: the modes say it (--mod
                  "BatchNorm with the body, --modes frozen_bn trains it)")
 
 
+# the depth modes' default lists (bench.tradeoff's DEPTHS, DEPTH_MODES, SURGICAL_MODES), spelled here: the CLI imports
+# no torch
+DEPTH_CURVE = "frozen_to:0,frozen_to:1,frozen_to:2,frozen_to:3,frozen_to:4,frozen_to:5"
+DEPTH_MODES = DEPTH_CURVE + ",surgical:0,surgical:1,surgical:2,surgical:3,surgical:4,gradual,discriminative:10"
+SURGICAL_MODES = "frozen_to:0,surgical:0,surgical:1,surgical:2,surgical:3,surgical:4,frozen_to:5"
+
+
 def command_line() -> str:
     """The command that started this process, as a user would type it again (for run folders and reports)."""
     if not sys.argv or not sys.argv[0]:
@@ -141,6 +148,7 @@ def run(
     mirror: str = None,  # base address holding the downloaded archives (default: $TP3_MIRROR, else the real ones)
     pipeline: str = "auto",  # Part II image-folder experiment: input pipeline (auto, pil, device, cached)
     modes: str = "",  # Part II training modes, comma-separated (default: the experiment's own; see tp3 finetune)
+    depth_modes: str = DEPTH_CURVE,  # Part II offline: the depth curve's modes ('' skips it)
 ):
     "The whole practical on the embedded data: every part, then report.md and report.html."
     from .practical import PracticalConfig, run_practical
@@ -152,7 +160,8 @@ def run(
                                  arch=arch, transfer_epochs=transfer_epochs, modes=split_list(modes) or None,
                                  weights=weights or pretrained, ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"),
                                  device=device, precision=precision, out=out, overwrite=overwrite, seed=seed,
-                                 mirror=mirror_or_env(mirror), pipeline=pipeline)
+                                 mirror=mirror_or_env(mirror), pipeline=pipeline,
+                                 depth_modes=split_list(depth_modes))
         return run_practical(config)
 
     run_guarded(checked)
@@ -277,6 +286,7 @@ def label_efficiency(
     pretrain_lr: float = 5e-3,  # source pretraining learning rate
     source: str = "mnist",  # 'mnist' (digits 0-4 -> 5-9) or a source image folder <path>/<class>/*
     target: str = "",  # target image folder (only with a source folder)
+    shift: str = "label",  # target: label (new classes), or the source classes' held-out images: invert, noise, blur
     weights: str = "",  # use this weights file instead of a source-pretrained body
     curves_k: int = 0,  # also record per-epoch curves of every mode at this k (first seed): comparison.png
     cache_dir: str = str(BODY_CACHE),  # body cache
@@ -293,10 +303,51 @@ def label_efficiency(
         config = StudyConfig(ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), modes=split_list(modes),
                              arch=arch, size=size, n_in=n_in, epochs=epochs, bs=bs, lr=lr, lr_mult=lr_mult,
                              recalibrate=not no_recalibrate, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
-                             source=source, target=target or None, weights=weights or None,
+                             source=source, target=target or None, shift=shift, weights=weights or None,
                              curves_k=curves_k or None, cache_dir=cache_dir, retrain=retrain, device=device,
                              precision=precision, out=out, overwrite=overwrite, command=command_line())
         return study(config)
+
+    run_guarded(checked)
+
+
+@call_parse
+def freeze_depth(
+    modes: str = DEPTH_MODES,  # modes timed, and trained on digits 5-9 (the label shift)
+    surgical_modes: str = SURGICAL_MODES,  # modes trained on the input-shifted digits 0-4 ('' skips them)
+    shift: str = "invert",  # the input-level shift of digits 0-4: invert, noise or blur
+    ks: str = "10,50",  # labelled target images per class, comma-separated
+    seeds: str = "0,1",  # seeds (label draw, head init, batch order), comma-separated
+    arch: str = "resnet10t",  # timm model name (a CNN that lists its stages: timm's feature_info)
+    size: int = 32,  # input size in pixels
+    n_in: int = 1,  # input channels
+    epochs: int = 20,  # epochs on the target, the same in every mode
+    bs: int = 32,  # target batch size (and the timed steps')
+    lr: float = 2e-3,  # target learning rate (discriminative:R: the head's; the stem gets lr / R)
+    pretrain_epochs: int = 4,  # epochs of source pretraining (cached by configuration: the main job's body)
+    weights: str = "",  # use this weights file instead of a source-pretrained body
+    cache_dir: str = str(BODY_CACHE),  # body cache
+    retrain: bool = False,  # pretrain again even if cached
+    steps: int = 3,  # cost: timed steps per round
+    repeats: int = 5,  # cost: rounds, the modes alternating
+    warmup: int = 2,  # cost: untimed steps first
+    threads: int = None,  # torch CPU threads (default: torch's choice); 1 helps on a CPU shared with other jobs
+    device: str = "auto",  # auto, cpu or cuda
+    precision: str = "auto",  # auto, fp32, fp16 or bf16 (mixed precision needs CUDA)
+    out: str = "runs/freeze_depth",  # run folder (a new -2, -3, ... if it exists)
+    overwrite: bool = False,  # replace an existing run folder instead
+):
+    "Fine-tuning by depth: accuracy against cost per epoch for each freeze depth, surgical stage, gradual, rates."
+    from .bench.tradeoff import DepthConfig, depth_study
+
+    def checked() -> Any:
+        config = DepthConfig(modes=split_list(modes), surgical_modes=split_list(surgical_modes), shift=shift,
+                             ks=int_list(ks, "ks"), seeds=int_list(seeds, "seeds"), arch=arch, size=size, n_in=n_in,
+                             epochs=epochs, bs=bs, lr=lr, pretrain_epochs=pretrain_epochs, weights=weights or None,
+                             cache_dir=cache_dir, retrain=retrain, steps=steps, repeats=repeats, warmup=warmup,
+                             threads=threads, device=device, precision=precision, out=out, overwrite=overwrite,
+                             command=command_line())
+        return depth_study(config)
 
     run_guarded(checked)
 
@@ -359,6 +410,7 @@ def bench_freeze(
     compare: str = "",  # OTHER/bench.json: ratio to that run per cell (same arch/size/bs); A.json,B.json: no measuring
     pipeline: str = "pil,device,cached",  # input pipelines compared side by side in the pipeline section
     pipeline_aug: str = "default",  # augmentation in the pipeline section ('none': decoding and crops alone)
+    depth_modes: str = "",  # modes timed in alternating rounds with their saved activations, e.g. frozen_to:0,frozen
 ):
     "Benchmark frozen vs unfrozen training (and precomputed features) across speed levers; write JSON, Markdown, PNG."
     from .bench import BenchConfig, bench_training_modes
@@ -371,14 +423,15 @@ def bench_freeze(
                          jpeg_images=jpeg_images, num_workers=num_workers, epoch_images=epoch_images,
                          epochs_estimate=epochs_estimate, lr=lr, device=device, seed=seed,
                          count_reads=not no_count_reads, threads=threads, quick=quick, out=out, overwrite=overwrite,
-                         cache_dir=cache_dir, command=command_line())
+                         cache_dir=cache_dir, depth_modes=depth_modes or None, command=command_line())
     if compare:
         return run_guarded(bench_and_compare, compare=compare, config=config)
     return run_guarded(bench_training_modes, config=config)
 
 
 COMMANDS: dict[str, Callable] = {"run": run, "mnist": mnist, "finetune": finetune, "predict": predict,
-                                 "pretrain": pretrain, "label-efficiency": label_efficiency, "rf": rf,
+                                 "pretrain": pretrain, "label-efficiency": label_efficiency,
+                                 "freeze-depth": freeze_depth, "rf": rf,
                                  "bench": bench_freeze, "bench-mnist": bench_mnist}
 
 

@@ -129,7 +129,54 @@ def study_section(run: Path, study: dict) -> Section:
     )
 
 
+def depth_section(run: Path, depth: dict) -> Section:
+    """Report section of Part II from the depth study's summary (bench.tradeoff.depth_study): accuracy against
+    the cost of an epoch for each freeze depth."""
+    rel = lambda name: str(Path(depth["run_dir"]).relative_to(run) / name)  # noqa: E731
+    cfg = depth["config"]
+    cost = {r["mode"]: r for r in depth["cost"]}
+    rows = [dict(mode=p["mode"], k=p["k"], weights_that_train=cost[p["mode"]]["trainable_params"],
+                 step_ms=cost[p["mode"]]["step_ms"]["median"], saved_for_backward_mib=p["saved_mb"],
+                 s_per_epoch=p["epoch_s"], accuracy=f"{p['accuracy']:.3f} ± {p['std']:.3f} ({p['n']})",
+                 accuracy_per_s=p["accuracy_per_s"]) for p in depth["points"]]
+    paragraphs = [
+        f"The same body, target and budget as above ({cfg['epochs']} epochs, k = {', '.join(map(str, cfg['ks']))} "
+        f"labelled digits per class, seeds {cfg['seeds']}), trained with the first K stage groups frozen (K = 0: "
+        "every layer; 5: the head alone, the same as `frozen`; the frozen stages' BatchNorm frozen too). Cost: one "
+        f"training step of batch {cfg['bs']} in the plain loop, the modes in {cfg['repeats']} alternating rounds on "
+        f"{depth['config']['device_name']} (load average {depth['timing']['load_average_start']}); cost per epoch = "
+        "steps x step time. Saved for backward: the activations autograd keeps in one training forward; a frozen "
+        "prefix keeps none."]
+    check = depth["falls_with_depth"]
+    if len(check["step_ms"]) > 1:
+        paragraphs.append("Step time falls with every stage frozen: " + (
+            "yes." if check["monotone"] else f"no, it rose at {', '.join(check['rises'])} (timings on a shared "
+            "CPU are noisy: see the range in `depth.md`)."))
+    for v in depth["verdicts"]:
+        if v["complete"]:
+            ends = v["ends"]
+            winners = ", ".join(f"frozen_to:{K}" for K in v["beats_both_per_s"])
+            paragraphs.append(
+                f"**At k = {v['k']}, does a depth strictly between 0 and 5 beat both ends on accuracy per second of "
+                f"an epoch?** {'Yes: ' + winners if winners else 'No'}"
+                f" (frozen_to:0 {ends[0]['accuracy_per_s']:.3g}/s, frozen_to:5 {ends[5]['accuracy_per_s']:.3g}/s). "
+                "Above the straight line between the ends: "
+                + (", ".join(f"frozen_to:{K}" for K in v["above_the_line"]) or "none") + "; as accurate as "
+                "frozen_to:0 for less: " + (", ".join(f"frozen_to:{K}" for K in v["as_accurate_as_k0_cheaper"])
+                                            or "none") + ".")
+    paragraphs.append("The whole study (K = 0..5, surgical, gradual and discriminative rates, k = 10 and 50, and "
+                      "surgical fine-tuning on an input-level shift): `tp3 freeze-depth`, docs/transfer.md.")
+    return Section(
+        "Part II: fine-tuning by depth, " + ", ".join(dict.fromkeys(p["mode"] for p in depth["points"])),
+        paragraphs,
+        [(rows, ("mode", "k", "weights_that_train", "step_ms", "saved_for_backward_mib", "s_per_epoch", "accuracy",
+                 "accuracy_per_s"))],
+        [(rel("tradeoff.png"), "Test accuracy against the cost of an epoch, by freeze depth")],
+    )
+
+
 RF_LAYERS = "conv1,maxpool,layer1.0,layer1,layer2,layer3,layer4,global_pool*,fc"
+DEPTH_MODES = tuple(f"frozen_to:{k}" for k in range(6))  # Part II's depth curve (bench.tradeoff.DEPTHS)
 
 
 def rf_section(run: Path, table: dict, erf: dict) -> Section:
@@ -168,6 +215,7 @@ class PracticalConfig:
     ks: Sequence[int] = (10, 50)  # the offline study's labelled images per class
     seeds: Sequence[int] = (0, 1)
     study_options: dict[str, Any] | None = None  # more StudyConfig fields for the offline study
+    depth_modes: Sequence[str] = DEPTH_MODES  # the offline study's depth curve at its smallest k; () skips it
     rf_arch: str = "timm:resnet50"
     rf_size: int = 224
     device: str = "auto"
@@ -187,14 +235,18 @@ def run_practical(config: PracticalConfig | None = None, *, log: Callable[[str],
     examples, VGG / ResNet, activations, and the first-layer kernels of the parts that ran (Part I's CNN trained
     for 2 epochs, the cached body, if those parts did not run). Part II: without `weights` and `images`, the
     offline study (a body pretrained here on digits 0-4, then k labelled digits 5-9 per class for `ks` and
-    `seeds`); with hub weights (`weights=True`), a weights file or an image folder, the `arch` experiment on
-    `images` (default: the embedded LFW faces); `modes`: its training modes (train.modes; default: the
-    experiment's). `study_options`: more StudyConfig fields (e.g. arch, epochs, cache_dir). Part III maps `rf_arch`
+    `seeds`), then the depth curve (`depth_modes`, default frozen_to:0..5, at the smallest of `ks`: accuracy
+    against the cost of an epoch, bench.tradeoff); with hub weights (`weights=True`), a weights file or an image
+    folder, the `arch` experiment on `images` (default: the embedded LFW faces); `modes`: its training modes
+    (train.modes; default: the experiment's). `study_options`: more StudyConfig fields (e.g. arch, epochs,
+    cache_dir; the depth curve takes those it has too). Part III maps `rf_arch`
     at `rf_size` px. The device and the precision are resolved once, here, and every part runs with them.
     """
     cfg = build_config(PracticalConfig, config, options)
     cfg = replace(cfg, parts=check_names(cfg.parts, PARTS, "part"))
     modes = {} if cfg.modes is None else dict(modes=check_modes(cfg.modes, "run"))
+    if cfg.depth_modes:
+        check_modes(cfg.depth_modes, "label-efficiency")
     weights, images = cfg.weights, cfg.images
     if weights is not False and weights is not True:
         from .transfer.weights import weights_path
@@ -247,6 +299,18 @@ def run_practical(config: PracticalConfig | None = None, *, log: Callable[[str],
                                      **modes, **(cfg.study_options or {}))
             sections.append(study_section(run, study))
             body = (study.get("body") or {}).get("path")
+            if cfg.depth_modes:
+                from dataclasses import fields
+
+                from .bench.tradeoff import DepthConfig, depth_study
+
+                known = {f.name for f in fields(DepthConfig)}
+                # one torch thread: steady step times on a shared CPU (measured: 44 s for this part, wall = CPU time)
+                options = dict(threads=1) | {k: v for k, v in (cfg.study_options or {}).items() if k in known}
+                depth = depth_study(modes=list(cfg.depth_modes), surgical_modes=(), ks=(min(cfg.ks),),
+                                    seeds=cfg.seeds, device=device, precision=precision, out=run / "part2_depth",
+                                    overwrite=True, log=log, **options)
+                sections.append(depth_section(run, depth))
         timings["transfer"] = time.perf_counter() - t
     if "rf" in cfg.parts:
         from .receptive_field import receptive_field_run

@@ -6,7 +6,9 @@ Modules: ``timing`` (timings, spread and device helpers), ``loops`` (loaders, th
 counting host reads and blocking copies; the lean loop is ``tp3_fastai.train.loop``), ``mnist`` (the MNIST loop
 benchmark), ``modes`` (training modes x speed levers: building and measuring each mode, loop overhead),
 ``pipelines`` (the input pipelines against synthetic batches, host waits per step, the sync-debug epoch),
-``freeze`` (the whole training-modes benchmark and its run folder) and ``report`` (its Markdown report and chart).
+``freeze`` (the whole training-modes benchmark and its run folder), ``report`` (its Markdown report and chart),
+``depth`` (what each freeze depth costs: step time in alternating rounds, activations kept for backward) and
+``tradeoff`` (the depth study: accuracy against cost, surgical fine-tuning on two shifts).
 """
 from .freeze import (CPU_MEMORY_NOTE, PRESETS, BenchConfig, bench_training_modes, jpeg_folder, plan_bench,
                      resolve_config)

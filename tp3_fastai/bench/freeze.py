@@ -19,6 +19,7 @@ from ..core.checks import check_name, check_names
 from ..core.config import DEFAULT_CACHE, build_config, config_dict
 from ..core.runs import new_run_dir, write_json
 from ..train.modes import check_modes, mode_label, modes_for
+from .depth import bench_depth
 from .loops import BatchLoader, synthetic_batches
 from .modes import (BENCH_MODES, LEVER_PRECISIONS, LOOP_LABELS, MEMORY_FORMATS, Levers, bench_overhead,
                     measure_cell, mode_learner)
@@ -126,6 +127,7 @@ class BenchConfig:
     pipeline_modes: str | Sequence[str] | None = None
     pipelines: str | Sequence[str] = ("pil", "device", "cached")
     pipeline_aug: str = "default"
+    depth_modes: str | Sequence[str] | None = None  # modes timed in alternating rounds with their saved activations
     data: str = "jpeg"  # real images: 'jpeg' (generated from the embedded LFW set), a named source or a folder
     jpeg_images: int | None = None
     num_workers: int | None = None
@@ -189,6 +191,19 @@ def plan_bench(config: BenchConfig) -> BenchConfig:
     check_arch(cfg.arch)
     overhead_modes = check_modes(cfg.overhead_modes, "bench") if cfg.overhead and cfg.overhead_modes else []
     pipeline_modes = check_modes(cfg.pipeline_modes, "bench") if cfg.pipeline and cfg.pipeline_modes else []
+    depth_modes = check_modes(cfg.depth_modes, "bench") if cfg.depth_modes else []
+    for what, chosen in (("--modes", check_modes(cfg.modes, "bench")), ("--overhead-modes", overhead_modes),
+                         ("--pipeline-modes", pipeline_modes)):
+        if "gradual" in chosen:
+            raise ValueError(f"{what}: gradual changes what trains every epoch, and this comparison times one "
+                             "state; time it with --depth-modes gradual (each epoch's state, averaged)")
+    if "precomputed" in depth_modes:
+        raise ValueError("--depth-modes: precomputed trains on cached features, not through the body: choose "
+                         "frozen for the head-only step")
+    if depth_modes:
+        from ..transfer.stages import check_stage_modes
+
+        check_stage_modes(cfg.arch, depth_modes)
     if "precomputed" in pipeline_modes:
         raise ValueError("the pipeline comparison trains on the images themselves: precomputed does not apply; "
                          "choose from " + ", ".join(m for m in BENCH_MODES if m != "precomputed"))
@@ -198,7 +213,7 @@ def plan_bench(config: BenchConfig) -> BenchConfig:
     cfg = replace(cfg, modes=check_modes(cfg.modes, "bench"),
                   precisions=_split_opt(cfg.precisions, LEVER_PRECISIONS, "precision"),
                   formats=_split_opt(cfg.formats, MEMORY_FORMATS, "memory format"), overhead_modes=overhead_modes,
-                  pipeline_modes=pipeline_modes, pipelines=pipelines)
+                  pipeline_modes=pipeline_modes, pipelines=pipelines, depth_modes=depth_modes)
     if not cfg.precisions or not cfg.formats:
         raise ValueError("modes, precisions and formats each need at least one value")
     if cfg.lr <= 0 or cfg.epochs_estimate <= 0 or cfg.n_classes < 2:
@@ -244,17 +259,21 @@ def _bench_training_modes(cfg: BenchConfig, log: Callable[[str], None] | None) -
     plan = PipelinePlan(cfg.arch, cfg.pipeline_modes, loop_precision, cfg.bs, cfg.size, cfg.seed, cfg.lr, cfg.warmup,
                         cfg.steps, cfg.repeats)
     pipe = bench_pipeline(pipe_dls, syn_dls, plan, dev, log=log) if cfg.pipeline_modes else None
+    depth = bench_depth(syn_dls, cfg.arch, cfg.depth_modes, batches, dev, loop_precision, cfg.seed, cfg.steps_plan(),
+                        cfg.epochs_estimate, log=log) if cfg.depth_modes else []
     result = dict(config=config, env=env, device=str(dev), device_name=device_name(dev), arch=cfg.arch,
                   size=cfg.size, bs=cfg.bs,
                   baseline=dict(mode="unfrozen", precision="fp32", memory_format="contiguous",
                                 images_per_s=base_row["images_per_s"], step_ms=base_row["step_ms"]),
                   grid=grid, epoch_images=cfg.epoch_images, epochs_estimate=cfg.epochs_estimate,
-                  overhead=overhead_rows, pipeline=pipe,
+                  overhead=overhead_rows, pipeline=pipe, depth=depth,
                   memory_note=None if dev.type == "cuda" else CPU_MEMORY_NOTE,
                   timing=("median of `repeats` groups of `steps` steps after `warmup` untimed steps; device "
                           "synchronised at group edges only; synthetic batches are the same seeded tensors for "
                           "every mode"),
-                  mode_labels={m: mode_label(m) for m in modes_for("bench")}, loop_labels=LOOP_LABELS,
+                  mode_labels={m: mode_label(m) for m in dict.fromkeys([*modes_for("bench"), *cfg.modes,
+                                                                        *cfg.depth_modes])},
+                  loop_labels=LOOP_LABELS,
                   load_average_end=load_average(), seconds=time.perf_counter() - t_start, run_dir=str(run))
     write_json(run / "bench.json", result)
     md = bench_markdown(result)

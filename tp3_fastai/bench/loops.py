@@ -78,12 +78,13 @@ def cycle_loader(dl) -> Iterator:
 
 
 def synthetic_batches(n: int, bs: int, size: int, n_classes: int, device: torch.device, seed: int,
-                      channels_last: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`n` seeded batches of normalised-looking random images and labels, already on `device` (compute bound)."""
+                      channels_last: bool = False, n_in: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` seeded batches of normalised-looking random images (`n_in` channels) and labels, already on `device`
+    (compute bound)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        x = torch.randn(bs, 3, size, size, generator=gen).to(device)
+        x = torch.randn(bs, n_in, size, size, generator=gen).to(device)
         y = torch.randint(0, n_classes, (bs,), generator=gen).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -64,19 +64,20 @@ class Levers:
 # --- building the same model for every mode -------------------------------------------------------------------
 
 def mode_learner(dls, arch: str, mode: str, seed: int, precision: str = "fp32", opt: str = "package",
-                 lr: float = 1e-3, stock: bool = False, channels_last: bool | None = None):
+                 lr: float = 1e-3, stock: bool = False, channels_last: bool | None = None, n_in: int = 3):
     """A learner built by transfer.resnet_learner (random init, same seed: same weights in every mode) and put in
     `mode` (a bench mode of train.modes' table; precomputed: as frozen) by set_mode. `opt`: 'package'
     (resnet_learner's default, torch AdamW: the plain loop's optimiser) or 'fastai' (fastai's Adam). `stock`:
-    fastai's stock loop instead of the package's lean one."""
+    fastai's stock loop instead of the package's lean one. `n_in`: input channels."""
     from fastai.optimizer import Adam as FastaiAdam
 
     from ..transfer.learner import resnet_learner, set_mode
 
     check_modes([mode], "bench")
     set_seed(seed)
-    learn = resnet_learner(dls, arch, pretrained=False, precision=precision, train_bn=training_mode(mode).train_bn,
-                           progress=False, log=None, lr=lr, name=mode, channels_last=channels_last, stock=stock)
+    learn = resnet_learner(dls, arch, pretrained=False, n_in=n_in, precision=precision,
+                           train_bn=training_mode(mode).train_bn, progress=False, log=None, lr=lr, name=mode,
+                           channels_last=channels_last, stock=stock)
     check_name(opt, ["package", "fastai"], "benchmark optimiser")
     if opt == "fastai":
         learn.opt_func = FastaiAdam
@@ -154,8 +155,8 @@ def measure_cell(base: Mapping[str, nn.Module], mode: str, batches, dev: torch.d
     return row
 
 
-def _alternate(loops: Mapping[str, Any], make_loader: Callable[[int], Any], warmup: int, steps: int,
-               repeats: int) -> dict[str, list[float]]:
+def alternate_rounds(loops: Mapping[str, Any], make_loader: Callable[[int], Any], warmup: int, steps: int,
+                     repeats: int) -> dict[str, list[float]]:
     """Time every loop in rounds (one group of `steps` each per round, loops in turn), so that machine noise hits
     them alike. The first round warms up with `warmup` steps, later ones with one step."""
     times: dict[str, list[float]] = {k: [] for k in loops}
@@ -218,7 +219,7 @@ def bench_overhead(dls, arch: str, modes: Sequence[str], batches, dev: torch.dev
                                          opt="fastai" if name == "package_fastai_adam" else "package",
                                          lr=lr, stock=name == "stock")
                     built[name] = LearnerLoop(learn, dev, lr, name)
-        times = _alternate(built, make_loader, warmup, steps, repeats)
+        times = alternate_rounds(built, make_loader, warmup, steps, repeats)
         reads = {k: host_reads_per_step(v, make_loader) if count_reads else None for k, v in built.items()}
         plain_med = spread(times["plain"])["median"] if "plain" in times else math.nan
         for name in built:

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..train.modes import modes_for
+from .depth import depth_markdown
 from ..core.runs import pyplot, save_figure
 
 
@@ -72,6 +73,14 @@ def bench_markdown(result: Mapping[str, Any]) -> str:
                   "each is a synchronisation."]
     if result["pipeline"]:
         lines += pipeline_markdown(result["pipeline"])
+    if result.get("depth"):
+        lines += ["", f"## Freeze depth: what each mode costs ({result['depth'][0]['precision']}, plain loop, "
+                  "modes in alternating rounds)", "",
+                  "Step ms: median [min-max] over rounds; x: the step time over the first mode's, paired by round; "
+                  "saved for backward: the activations autograd keeps for the backward pass in one training forward "
+                  "(torch.autograd.graph.saved_tensors_hooks, each storage once, weights not counted); a gradual mode: "
+                  f"the mean over the states of its first {result['epochs_estimate']} epochs.", ""]
+        lines += depth_markdown(result["depth"], result["device_name"])
     return "\n".join(lines) + "\n"
 
 
@@ -128,7 +137,8 @@ def plot_bench(result: Mapping[str, Any], path: str | Path) -> Path:
     height = max(3.0, 0.32 * max(len(ok), len(extra)) + 1.5)
     fig, axes = plt.subplots(1, n_panels, figsize=(7.5 * n_panels, height), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    mode_colour = {m: colours[i % len(colours)] for i, m in enumerate(modes_for("bench"))}
+    mode_colour = {m: colours[i % len(colours)] for i, m in enumerate(dict.fromkeys(
+        [*modes_for("bench"), *(r["mode"] for r in ok)]))}
     ax = axes[0][0]
     labels = [cell_label(r) for r in ok]
     values = [r["images_per_s"] for r in ok]

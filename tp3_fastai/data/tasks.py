@@ -1,5 +1,6 @@
-"""The transfer tasks as in-memory tensors: the embedded source/target pair (MNIST digits 0-4 -> 5-9), the same
-from two image folders, the k-labelled-per-class draw, and DataLoaders over prepared tensors."""
+"""The transfer tasks as in-memory tensors: the embedded source/target pair (MNIST digits 0-4 -> 5-9, a label
+shift), the same from two image folders, a target with an input-level shift instead (the source classes' held-out
+images inverted, noised or blurred), the k-labelled-per-class draw, and DataLoaders over prepared tensors."""
 from __future__ import annotations
 
 import functools
@@ -194,18 +195,80 @@ def folder_target(path: str | Path, size: int = 32, test_pct: float = 0.5, valid
                            "test": ids[np.sort(test)].tolist()})
 
 
+# the target tasks: 'label' (new classes: an output-level shift) or the source classes with their images changed
+SHIFTS = ("label", "invert", "noise", "blur")
+NOISE_STD = 0.35  # of the 0-1 pixel range: the digits stay legible, the statistics change
+BLUR_SIGMA = 1.5  # pixels
+
+
+def corrupt(x: torch.Tensor, shift: str, seed: int = 0) -> torch.Tensor:
+    """uint8 images N x C x H x W changed at the input level: 'invert' (255 - x), 'noise' (Gaussian noise of
+    NOISE_STD, drawn from `seed`, clipped) or 'blur' (Gaussian blur of BLUR_SIGMA px)."""
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError(f"expected uint8 images N x C x H x W, got {x.dtype} {tuple(x.shape)}")
+    if shift == "invert":
+        return 255 - x
+    f = x.float() / 255
+    if shift == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        f = f + NOISE_STD * torch.randn(f.shape, generator=gen)
+    elif shift == "blur":
+        r = int(3 * BLUR_SIGMA)
+        g = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * BLUR_SIGMA ** 2))
+        g = (g / g.sum()).to(f.dtype)
+        c = f.shape[1]
+        f = F.pad(f, (r, r, r, r), mode="replicate")
+        f = F.conv2d(f, g.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        f = F.conv2d(f, g.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    else:
+        raise ValueError(f"unknown input shift {shift!r}: choose from {', '.join(SHIFTS[1:])}")
+    return (f.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def input_shift_task(source: SourceTask, shift: str, test_pct: float = 0.5, valid_pct: float = 0.0,
+                     split_seed: int = 0) -> TargetTask:
+    """A target task with an input-level shift: the source task's held-out images (which pretraining never saw),
+    changed by `corrupt(shift)`, with the source's own labels and classes; `test_pct` of them for testing, the
+    rest (less `valid_pct`) the pool that k labelled images per class are drawn from. The embedded pair: 500
+    held-out digits 0-4, so 250 test images and 50 per class in the pool (k <= 50)."""
+    if shift not in SHIFTS[1:]:
+        raise ValueError(f"unknown input shift {shift!r}: choose from {', '.join(SHIFTS[1:])}")
+    _check_pct(test_pct=test_pct, valid_pct=valid_pct)
+    if test_pct <= 0 or test_pct + valid_pct >= 1:
+        raise ValueError(f"test_pct must be positive and test_pct + valid_pct below 1, got {test_pct} + {valid_pct}")
+    x, y = corrupt(source.x_test, shift, split_seed), source.y_test.numpy()
+    test, valid, pool = stratified_split(y, [test_pct, valid_pct], split_seed)
+    ids = np.array(source.ids.get("test") or [f"source-test:{i}" for i in range(len(y))])
+    xs = x.numpy()
+    return TargetTask(*_take(xs, y, pool), *_take(xs, y, valid), *_take(xs, y, test), classes=list(source.classes),
+                      description=f"{source.description.split(' (')[0]}, held out from pretraining, {shift} "
+                                  "(input-level shift: same classes, changed images)",
+                      ids={"pool": ids[np.sort(pool)].tolist(), "valid": ids[np.sort(valid)].tolist(),
+                           "test": ids[np.sort(test)].tolist()})
+
+
 def load_tasks(source: str | Path = "mnist", target: str | Path | None = None, size: int = 32,
                source_classes: Sequence[int] | str = (0, 1, 2, 3, 4), valid_pct: float = 0.0,
-               split_seed: int = 0) -> tuple[SourceTask, TargetTask | None]:
+               split_seed: int = 0, shift: str = "label") -> tuple[SourceTask, TargetTask | None]:
     """'mnist' (the embedded pair; `target` must be None) or a source image folder with an optional target folder;
-    `valid_pct` of the target images are held out for learning curves."""
+    `valid_pct` of the target images are held out for learning curves. `shift`: 'label' (the target above: new
+    classes) or an input-level shift of the source classes instead (input_shift_task: 'invert', 'noise',
+    'blur'; no target folder then)."""
+    if shift not in SHIFTS:
+        raise ValueError(f"unknown shift {shift!r}: choose from {', '.join(SHIFTS)}")
+    if shift != "label" and target is not None and str(target) not in ("", "mnist"):
+        raise ValueError(f"shift {shift!r} makes its target from the source's held-out images: leave target out")
     if str(source) == "mnist":
         if target is not None and str(target) not in ("", "mnist"):
             raise ValueError("source 'mnist' brings its own target (the other digits): leave target out, or pass "
                              "two image folders")
-        return mnist_tasks(source_classes, valid_pct=valid_pct, split_seed=split_seed)
-    src = folder_source(source, size, split_seed=split_seed)
-    return src, folder_target(target, size, valid_pct=valid_pct, split_seed=split_seed) if target else None
+        src, tgt = mnist_tasks(source_classes, valid_pct=valid_pct, split_seed=split_seed)
+    else:
+        src = folder_source(source, size, split_seed=split_seed)
+        tgt = folder_target(target, size, valid_pct=valid_pct, split_seed=split_seed) if target else None
+    if shift != "label":
+        tgt = input_shift_task(src, shift, valid_pct=valid_pct, split_seed=split_seed)
+    return src, tgt
 
 
 def prepare(x: torch.Tensor, size: int, mean: float, std: float, n_in: int = 1) -> torch.Tensor:

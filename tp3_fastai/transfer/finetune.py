@@ -28,7 +28,7 @@ from ..train.optimizer import OPTIMIZER_NAME
 from ..data.pipeline import check_pipeline
 from ..core.config import DEFAULT_CACHE, build_config, config_dict
 from ..core.runs import folder_size, human_bytes, markdown_table, pyplot, read_json, save_figure, write_json
-from ..train.modes import DEFAULT_MODES, mode_label, set_mode, training_mode
+from ..train.modes import DEFAULT_MODES, mode_file_name, mode_label, set_mode, training_mode
 from .learner import check_image_size, check_plan, resnet_learner, train_mode
 from .weights import RANDOM_INIT, WeightsArg, check_weights, describe_weights, normalization, short_weights
 
@@ -329,7 +329,8 @@ def train_one_mode(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders,
                    mode: str) -> tuple[dict, list[dict], Learner | None, int]:
     """Train (or resume, or keep when finished before) one mode: its result, history, learner (None when kept)
     and the epochs it had done before this process."""
-    ckpt, csv_path = ctx.run / "checkpoints" / mode, ctx.run / f"metrics_{mode}.csv"
+    stem = mode_file_name(mode)
+    ckpt, csv_path = ctx.run / "checkpoints" / stem, ctx.run / f"metrics_{stem}.csv"
     if (ckpt / "result.json").is_file():  # finished before an interruption: kept as it was
         ctx.log(f"{mode}: finished before, kept ({ckpt / 'result.json'})")
         if ctx.main:
@@ -410,7 +411,7 @@ def evaluate_best(ctx: RunContext, plan: FinetunePlan, dls: DataLoaders, trained
                   weights: str) -> dict:
     """comparison.png, and predictions.png, confusion_matrix.png and model.pkl of the best mode's best epoch
     (EXPORT_RULE; rank 0 alone)."""
-    learn, folder = trained.best_learn, ctx.run / "checkpoints" / mode
+    learn, folder = trained.best_learn, ctx.run / "checkpoints" / mode_file_name(mode)
     if trained.best_mode != mode:  # the best mode finished before an interruption: rebuild it from its checkpoint
         learn = build_learner(ctx, plan, dls, mode)  # random init: the checkpoint replaces every weight
     load_best(learn, folder if plan.checkpoints else None)

@@ -1,6 +1,7 @@
 """The training modes on a target task with few labels (scratch, frozen body with or without its BatchNorm
-training, fine-tune: train.modes' table) and the label-efficiency study: test accuracy against labelled images per
-class, one line per mode, several seeds."""
+training, fine-tune, frozen to a depth, one stage alone, ...: train.modes' table) and the label-efficiency study:
+test accuracy against labelled images per class, one line per mode, several seeds, on a target with new classes
+(a label shift) or with the source classes' images changed (an input-level shift)."""
 from __future__ import annotations
 
 import csv
@@ -23,11 +24,11 @@ from ..train.curves import plot_curves
 from ..core.device import env_info, pick_device, resolve_precision
 from ..data.images import plot_image_grid
 from ..core.config import BODY_CACHE, build_config, config_dict
-from ..train.modes import DEFAULT_MODES, check_modes, mode_label, training_mode
+from ..train.modes import DEFAULT_MODES, check_modes, mode_file_name, mode_label, training_mode
 from ..train.optimizer import OPTIMIZER_NAME
 from .pretrain import DEFAULT_ARCH, BodyConfig, describe_body, pretrained_body
 from ..core.runs import markdown_table, new_run_dir, pyplot, read_json, save_figure, write_json
-from ..data.tasks import SourceTask, TargetTask, load_tasks, prepare, prepare_pipelines, tensor_dls
+from ..data.tasks import SHIFTS, SourceTask, TargetTask, load_tasks, prepare, prepare_pipelines, tensor_dls
 from .learner import check_plan, resnet_learner, train_mode
 from .weights import WeightsArg
 
@@ -275,6 +276,7 @@ class StudyConfig:
     pretrain_seed: int = 0
     source: str | Path = "mnist"  # 'mnist' (digits 0-4 -> 5-9) or a source image folder
     target: str | Path | None = None  # the target image folder, with a source folder
+    shift: str = "label"  # the target: 'label' (new classes) or the source classes' held-out images 'invert'ed, ...
     weights: WeightsArg | None = None  # None: the body pretrained on the source (cached); True or a path instead
     valid_pct: float = 0.0
     curves_k: int | None = None  # also record every mode's learning curves at this k (first seed)
@@ -311,7 +313,8 @@ def label_efficiency(config: StudyConfig | None = None, *, tasks: tuple[SourceTa
     images). The device and the precision are resolved once, here, and every run uses them.
     """
     cfg = _check_study(build_config(StudyConfig, config, options))
-    src, tgt = tasks if tasks is not None else load_tasks(cfg.source, cfg.target, cfg.size, valid_pct=cfg.valid_pct)
+    src, tgt = tasks if tasks is not None else load_tasks(cfg.source, cfg.target, cfg.size, valid_pct=cfg.valid_pct,
+                                                          shift=cfg.shift)
     if tgt is None:
         raise ValueError("the study needs a target task: pass target=FOLDER with a source folder, or source='mnist'")
     for k in cfg.ks:
@@ -364,6 +367,8 @@ def _check_study(cfg: StudyConfig) -> StudyConfig:
     if cfg.lr_mult <= 0:
         raise ValueError(f"lr_mult must be positive, got {cfg.lr_mult}")
     modes = check_plan(cfg.modes, "label-efficiency", cfg.arch, cfg.epochs, cfg.bs, cfg.lr, cfg.freeze_epochs)
+    if cfg.shift not in SHIFTS:
+        raise ValueError(f"unknown shift {cfg.shift!r}: choose from {', '.join(SHIFTS)}")
     if cfg.curves_k is not None and cfg.curves_k not in ks:
         raise ValueError(f"curves_k={cfg.curves_k} must be one of the ks {ks}")
     return replace(cfg, ks=ks, seeds=seeds, modes=modes)
@@ -412,7 +417,7 @@ def _run_grid(run: Path, tgt: TargetTask, cfg: StudyConfig, setup: TargetSetup, 
             for mode in modes:
                 curves = k == cfg.curves_k and seed == seeds[0]
                 learn, r = target_run(tgt, mode, k, seed, setup, device=dev, precision=prec, progress=False,
-                                      csv_path=run / f"curves_{mode}.csv" if curves else None, log=None)
+                                      csv_path=run / f"curves_{mode_file_name(mode)}.csv" if curves else None, log=None)
                 if curves:
                     histories[mode_label(mode)] = learn.curves.history
                     if mode == modes[-1]:

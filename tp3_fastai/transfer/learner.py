@@ -1,6 +1,7 @@
 """Part II of the practical: a timm model with a fastai head as fastai's vision_learner builds it (`resnet_learner`),
-trained in one of the modes of train.modes' table (`set_mode`, `train_mode`): from scratch, fine-tuned, or with a
-frozen body whose BatchNorm is frozen too (`frozen`) or trains (`frozen_bn`)."""
+its parameters grouped by stage (transfer.stages), trained in one of the modes of train.modes' table (`set_mode`,
+`train_mode`): from scratch, fine-tuned, with a frozen body whose BatchNorm is frozen too (`frozen`) or trains
+(`frozen_bn`), frozen to a depth, one stage alone (surgical), at discriminative rates or gradually unfrozen."""
 from __future__ import annotations
 
 import random
@@ -29,6 +30,7 @@ from ..train.modes import check_modes, set_mode, training_mode  # noqa: F401 (se
 from ..train.optimizer import default_opt_func
 from .weights import RANDOM_INIT, WeightsArg, hub_state_dict, describe_weights, load_body_weights, weights_path
 from .weights import check_normalization
+from .stages import check_stage_modes, describe_trainable, group_names, has_stages, stage_split
 
 MAX_IMAGE_SIZE = 4096  # the search for the smallest image a body accepts stops here
 
@@ -55,9 +57,12 @@ def _feature_error(features: Callable[[torch.Tensor], torch.Tensor], size: int, 
 def check_plan(modes: Sequence[str], command: str, arch: str, epochs: int, bs: int, lr: float,
                freeze_epochs: int) -> list[str]:
     """The modes to run (repeats dropped), each one of the table's modes for `command`, with a trainable
-    architecture and a positive schedule in which fine_tune has both phases; raises ValueError before any work."""
+    architecture (that has the stage groups the modes name) and a positive schedule in which fine_tune has both
+    phases; raises ValueError before any work."""
     modes = check_modes(modes, command)
     check_arch(arch)
+    if any(":" in m for m in modes):  # a stage mode: the architecture must have the groups it names
+        check_stage_modes(arch, modes)
     if epochs <= 0 or bs <= 0 or lr <= 0:
         raise ValueError(f"epochs, batch size and lr must be positive, got epochs={epochs}, bs={bs}, lr={lr}")
     if any(training_mode(m).schedule == "fine_tune" for m in modes) and not 0 < freeze_epochs < epochs:
@@ -142,9 +147,12 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
     Learner (fastai's own with `stock`: its stock loop, for comparisons).
 
     Built from fastai's public pieces as fastai's `vision_learner(dls, arch, normalize=False, pretrained=False)`
-    builds it: `create_timm_model` (fastai's head, its initialisation), the body / head splitter `default_split`
-    (freezing works), the same attributes (`arch`, `n_out`, `n_in`, `normalize`); the learner's class is the
-    package's from the start, with the package's CrossEntropyLossFlat (fastai's with `stock`).
+    builds it: `create_timm_model` (fastai's head, its initialisation), the same attributes (`arch`, `n_out`,
+    `n_in`, `normalize`); the learner's class is the package's from the start, with the package's
+    CrossEntropyLossFlat (fastai's with `stock`). Its splitter cuts the parameters by stage
+    (transfer.stages.stage_split: stem, layer1..layer4, head for a ResNet; one group per entry of the body's timm
+    `feature_info`), so fastai's `freeze_to(k)` freezes the first k stages and `slice(lo, hi)` spreads rates over
+    them; a body without `feature_info` gets fastai's `default_split` (body, head).
 
     `pretrained`: True (ImageNet weights from the timm / Hugging Face hub), False (random init) or the path of a
     .safetensors / .pth state dict of the same architecture (classifier keys ignored, loaded with
@@ -172,8 +180,9 @@ def resnet_learner(dls: DataLoaders, arch: str = "resnet50", pretrained: Weights
         raise ValueError("the number of classes is unknown: the DataLoaders have no `c` (set dls.c)")
     model, _ = create_timm_model(arch, n_out, pretrained=False, n_in=n_in)  # hub weights are loaded below
     loss_func = FastaiCrossEntropyLossFlat() if stock else CrossEntropyLossFlat()
+    splitter = stage_split if has_stages(model) else default_split
     learn = learner_class(stock)(dls, model, loss_func=loss_func, metrics=accuracy, lr=lr, path=path,
-                                 splitter=default_split, train_bn=train_bn, opt_func=default_opt_func(dls.device))
+                                 splitter=splitter, train_bn=train_bn, opt_func=default_opt_func(dls.device))
     learn.arch, learn.n_out, learn.n_in, learn.normalize = arch, n_out, n_in, False  # as vision_learner records
     size = input_size(dls) if size is None else size
     if size is not None:
@@ -195,9 +204,32 @@ def trainable_summary(learn: Learner) -> tuple[int, int]:
 
 def _phase(learn: Learner, epochs: int, lr: Any) -> dict[str, Any]:
     trainable, total = trainable_summary(learn)
-    what = "all layers" if trainable == total else (
-        "head + body BatchNorm" if learn.train_bn else "head only (BatchNorm frozen too)")
-    return dict(trains=what, epochs=epochs, lr=str(lr), trainable_params=trainable, total_params=total)
+    return dict(trains=describe_trainable(learn), epochs=epochs, lr=_lr_text(lr), trainable_params=trainable,
+                total_params=total)
+
+
+def _lr_text(lr: Any) -> str:
+    return f"slice({lr.start:.3g}, {lr.stop:.3g})" if isinstance(lr, slice) else str(lr)
+
+
+def _gradual_phases(learn: Learner, mode: Any, epochs: int, lr: Any) -> list[dict[str, Any]]:
+    """The phases of a gradual mode (one more group each epoch until every group trains), worked out on the
+    learner's groups without training: what trains and how many weights, epoch by epoch."""
+    groups = learn.opt.param_lists
+    names = group_names(learn.model, len(groups))
+    total = sum(p.numel() for p in learn.model.parameters())
+    phases: list[dict[str, Any]] = []
+    for epoch in range(epochs):
+        frozen = mode.frozen_groups(len(groups), epoch)
+        trains = [n for n, f in zip(names, frozen) if not f]
+        what = ("all layers" if not any(frozen) else "head only (BatchNorm frozen too)" if trains == ["head"]
+                else ", ".join(trains))
+        if phases and phases[-1]["trains"] == what:
+            phases[-1]["epochs"] += 1
+            continue
+        trainable = sum(p.numel() for g, f in zip(groups, frozen) if not f for p in g)
+        phases.append(dict(trains=what, epochs=1, lr=_lr_text(lr), trainable_params=trainable, total_params=total))
+    return phases
 
 
 class PhaseEpochs(Callback):
@@ -264,9 +296,12 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
 
     scratch, unfrozen: `fit_one_cycle(epochs, lr)` on everything. finetune: `fine_tune(epochs - freeze_epochs, lr,
     freeze_epochs, lr_mult=lr_mult)`: the head (and the body's BatchNorm) first, then everything with
-    discriminative rates (body lr/2/lr_mult, head lr/2; fastai's default lr_mult=100 leaves the body almost frozen
-    on a few dozen steps). frozen: `freeze()` then `fit_one_cycle(epochs, lr)`: the head alone learns, the body's
-    BatchNorm stays in eval mode with its statistics; frozen_bn: the same with the body's BatchNorm training.
+    discriminative rates spread over the stage groups (stem lr/2/lr_mult up to head lr/2; fastai's default
+    lr_mult=100 leaves the body almost frozen on a few dozen steps). frozen: `freeze()` then
+    `fit_one_cycle(epochs, lr)`: the head alone learns, the body's BatchNorm stays in eval mode with its statistics;
+    frozen_bn: the same with the body's BatchNorm training. frozen_to:K, frozen_bn_to:K, surgical:K: `set_mode`'s
+    groups, then `fit_one_cycle(epochs, lr)`; discriminative:R: `fit_one_cycle(epochs, slice(lr / R, lr))`;
+    gradual: `fit_one_cycle(epochs, lr)` with one more group thawed each epoch (GradualUnfreezing).
     Every mode trains the weights the learner holds: build a scratch learner with pretrained=False.
     `start`: epochs already done (a resumed run, weights and optimizer loaded): the schedule skips them, in
     whichever of fine_tune's phases they end. Epochs are numbered 1..`epochs` across fine_tune's two fits.
@@ -294,10 +329,12 @@ def train_mode(learn: Learner, mode: str, epochs: int, lr: float = 2e-3, freeze_
     if fine_tune:
         phases = [_phase(learn, freeze_epochs, lr)]
         learn.fine_tune(epochs - freeze_epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult, cbs=cbs)
-        phases.append(_phase(learn, epochs - freeze_epochs, f"slice({lr / 2 / lr_mult:.3g}, {lr / 2:.3g})"))
+        phases.append(_phase(learn, epochs - freeze_epochs, slice(lr / 2 / lr_mult, lr / 2)))
     else:
-        phases = [_phase(learn, epochs, lr)]
-        learn.fit_one_cycle(epochs, lr, cbs=cbs)
+        lr_max = m.lr_max(lr)
+        phases = _gradual_phases(learn, m, epochs, lr_max) if m.schedule == "gradual" else [
+            _phase(learn, epochs, lr_max)]
+        learn.fit_one_cycle(epochs, lr_max, cbs=cbs)
     _tag_phases(learn, first_row, phases)
     return dict(mode=m.name, epochs=epochs, phases=phases, seconds=time.perf_counter() - t0, start=start,
                 train_batches=shift.batches)
