@@ -632,7 +632,7 @@ def test_bench_flags(tmp_path, monkeypatch):
     tp3(["bench", "--quick", "--arch", ARCH, "--size", "32", "--bs", "4", "--steps", "2", "--repeats", "1",
          "--warmup", "1", "--modes", "frozen", "--precisions", "fp32", "--formats", "channels_last", "--compile",
          "--cudnn-benchmark", "off", "--overhead-modes", "frozen", "--no-count-reads", "--pipeline-modes", "frozen",
-         "--jpeg-images", "24", "--num-workers", "1", "--pipeline", "pil,cached", "--pipeline-aug", "none",
+         "--jpeg-images", "24", "--num-workers", "1", "--pipeline", "pil", "--pipeline-aug", "none",
          "--epoch-images", "50", "--epochs-estimate", "3", "--lr", "0.01", "--seed", "3", "--threads", "2",
          "--device", "cpu", "--cache-dir", str(cache), "--out", str(out), "--overwrite"])
     assert _replaced(out)
@@ -653,7 +653,7 @@ def test_bench_flags(tmp_path, monkeypatch):
     assert all(o["host_reads_per_step"] is None for o in r["overhead"])  # --no-count-reads
     # the pipeline section: --pipeline-modes on --pipeline's pipelines, on --jpeg-images JPEGs, --num-workers 1
     pipe = r["pipeline"]
-    assert pipe["aug"] == "none" and {p["pipeline"] for p in pipe["rows"] if p["data"] == "real"} == {"pil", "cached"}
+    assert pipe["aug"] == "none" and {p["pipeline"] for p in pipe["rows"] if p["data"] == "real"} == {"pil"}
     assert {p["mode"] for p in pipe["rows"] if p["mode"]} == {"frozen"}
     assert pipe["loader"]["workers"] == 1 and pipe["loader"]["pipeline"] == "pil"
     folder = Path(pipe["data"].removeprefix("folder "))
