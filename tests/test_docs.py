@@ -81,7 +81,7 @@ def _options(command: str) -> set[str]:
     return {o for a in parser._actions for o in a.option_strings if a.help != "==SUPPRESS=="}
 
 
-PLACEHOLDER = re.compile(r"\.\.\.|\$|\[|RUN_DIR|OTHER|GPU_RUN|RESULTS_DIR|PATH\b|FOLDER|URL\b|NAME")
+PLACEHOLDER = re.compile(r"\.\.\.|\$|\[|\b[A-Z][A-Z0-9_]{2,}\b")  # `...`, `$A`, `[--bs 128]`, RUN_DIR, SEED, ...
 
 
 @pytest.mark.parametrize("doc, what, args, line", DOC_COMMANDS, ids=[f"{d}: {l[:60]}" for d, _, _, l in DOC_COMMANDS])

@@ -10,12 +10,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import threading
-import os
 from pathlib import Path
 
 import numpy as np
@@ -419,14 +419,9 @@ def test_pretrain_flags(tmp_path, capsys):
     cached = cache / f"{ARCH}-24px-3ch-{digest}.safetensors"
     assert sorted(p.name for p in cache.glob("*.safetensors")) == [cached.name]
     assert cached.read_bytes() == named.read_bytes()
-    x = load_file_first_conv(named)
-    assert x.shape[1] == 3  # --n-in 3: the first convolution takes three channels
-
-
-def load_file_first_conv(path: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    return load_file(str(path))["conv1.0.weight"]
+    assert load_file(str(named))["conv1.0.weight"].shape[1] == 3  # --n-in 3: the stem takes three channels
 
 
 @pytest.fixture(scope="module")
@@ -669,3 +664,13 @@ def test_bench_without_the_loop_comparison_on_a_folder_of_yours(small_folder, tm
     r = _json(out / "bench.json")
     assert r["overhead"] == [] and "## fastai Learner vs plain PyTorch loop" not in (out / "bench.md").read_text()
     assert r["pipeline"]["data"] == f"folder {small_folder}"
+
+
+def test_bench_refuses_a_folder_too_small_for_the_pipeline_comparison_before_any_work(small_folder, tmp_path,
+                                                                                       capsys):
+    # its host-read count draws 3 training batches at once: 20 training images hold 2 batches of 8
+    err = _refused(["bench", "--quick", "--arch", ARCH, "--size", "32", "--bs", "8", "--modes", "frozen",
+                    "--precisions", "fp32", "--formats", "contiguous", "--no-overhead", "--pipeline-modes", "frozen",
+                    "--pipeline", "pil", "--data", str(small_folder), "--device", "cpu"], tmp_path, capsys)
+    assert err == (f"error: the pipeline comparison needs 3 training batches of 8 images, and {small_folder} holds "
+                   "20 training images: lower --bs to 6 or less, or pass a larger folder (or --no-pipeline)")

@@ -5,7 +5,6 @@ import json
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from tp3_fastai.review.activations import ACTIVATIONS, activation_curves, plot_activations, softmax_steps
@@ -13,7 +12,7 @@ from tp3_fastai.data.mnist import DownloadError
 from tp3_fastai.review.kernels import first_conv, imagenet_grid, kernel_grid, kernel_tiles, plot_kernel_grid
 from tp3_fastai.mnist.models import SmallCNN
 from tp3_fastai.practical import run_practical
-from figures import CYCLE, assert_series, count_tiles, pixels
+from figures import assert_series, count_tiles, pixels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -123,7 +122,7 @@ def test_the_layers_part_alone_writes_its_report_section(part0):
     assert any("ImageNet weights not available" in n and "offline" in n for n in summary["kernel_notes"])
     html = (part0 / "report.html").read_text()
     for fig in ("part0_layers/architectures.png", "part0_layers/activations.png", "part0_layers/kernels_mnist_cnn.png"):
-        assert f"![" in md and f"({fig})" in md and f'src="{fig}"' in html
+        assert "![" in md and f"({fig})" in md and f'src="{fig}"' in html
     # what each figure shows: the seven networks, the six activations, a tile per filter of the CNN's first layer
     assert_series(part0 / "part0_layers/architectures.png", 7)
     assert_series(part0 / "part0_layers/activations.png", 6)
