@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Usage: scripts/gpu_check.sh [--dry-run] RESULTS_DIR
-#   (fastai and its pure-Python needs from .whl/: run ../shared/gpu/wheels.sh first and carry .whl to the GPU machine)
+#   (fastai and its pure-Python needs from .whl/: run scripts/gpu_wheels.sh first and carry .whl to the GPU machine)
 #
 # The GPU checks in one command of at most 9 minutes on a bare GPU machine, most valuable first, each stage under its
 # own time limit (seconds in brackets; "rest" takes what remains of the 9 minutes, and stops there):
@@ -91,7 +91,7 @@ install() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl || return 3
   else
-    echo "fastai is missing and .whl/ holds no wheels: run ../shared/gpu/wheels.sh here and carry .whl" >&2
+    echo "fastai is missing and .whl/ holds no wheels: run scripts/gpu_wheels.sh where a package registry is reachable and carry .whl" >&2
     return 3
   fi
 }

@@ -82,3 +82,18 @@ def drawn_box(img: np.ndarray, shape: tuple[int, int], colour: str, background: 
     # a line's pixels straddle the edge: the edge is the middle of its first / last pixel columns
     return ((left + 0.5 - c0) / sx - 0.5, (right + 0.5 - c0) / sx - 0.5,
             (top + 0.5 - r0) / sy - 0.5, (bottom + 0.5 - r0) / sy - 0.5)
+
+
+def count_tiles(img: np.ndarray, min_side: int = 20) -> int:
+    """Image tiles of a grid figure (kernels, photographs): solid blocks of ink at least `min_side` pixels on each
+    side, separated by white. Bands of rows mostly inked are the grid's rows; in each band, runs of columns inked
+    somewhere in the band, at least `min_side` long, are its tiles (titles and tick labels are thinner; a tile's
+    white pixels, its maximum in a grey colour map, do not split it unless a whole column of it is white)."""
+    inked = img.min(axis=-1) < 245
+    rows = inked.mean(axis=1) > 0.15
+
+    def runs(line: np.ndarray) -> list[tuple[int, int]]:
+        edges = np.diff(np.concatenate([[0], line.astype(int), [0]]))
+        return [(a, b) for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)) if b - a >= min_side]
+
+    return sum(len(runs(inked[top:bottom].any(axis=0))) for top, bottom in runs(rows))

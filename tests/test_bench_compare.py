@@ -1,43 +1,59 @@
-"""`bench_freeze.py --compare`: the ratio of two benchmark runs cell by cell, and the refusal of runs that differ."""
+"""`tp3 bench --compare`: the ratio of two benchmark runs cell by cell, and the refusal of runs that differ."""
 import copy
-import importlib.util
 import json
-from pathlib import Path
+import re
 
+import numpy as np
 import pytest
-from PIL import Image
 
-from tp3_fastai.bench.compare import compare_benches, compare_markdown, read_bench
+from tp3_fastai.bench.compare import compare_benches, read_bench
+from tp3_fastai.cli import main as tp3
+from figures import CYCLE, pixels, rgb
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(quick=True, size=32, bs=2, steps=1, repeats=1, warmup=1, modes="frozen", precisions="fp32,fp16",
-            formats="contiguous", no_pipeline=True, overhead_modes="frozen", device="cpu", threads=1)
+TINY = ["--quick", "--size", "32", "--bs", "2", "--steps", "1", "--repeats", "1", "--warmup", "1", "--modes", "frozen",
+        "--precisions", "fp32,fp16", "--formats", "contiguous", "--no-pipeline", "--overhead-modes", "frozen",
+        "--device", "cpu", "--threads", "1"]
 
 
-def _bench_freeze():
-    spec = importlib.util.spec_from_file_location("bench_freeze_script", ROOT / "scripts" / "bench_freeze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.bench_freeze
+def _exits_2(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        tp3(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """Two tiny runs of the same configuration, the second one compared with the first through the script."""
+    """Two tiny runs of the same configuration, the second one compared with the first through `tp3 bench`."""
     tmp = tmp_path_factory.mktemp("compare")
-    bench_freeze = _bench_freeze()
-    first = bench_freeze(out=str(tmp / "a"), cache_dir=str(tmp / "cache"), **TINY)
-    second = bench_freeze(out=str(tmp / "b"), cache_dir=str(tmp / "cache"), compare=str(tmp / "a" / "bench.json"),
-                          **TINY)
-    return tmp, first, second
+    tp3(["bench", *TINY, "--out", str(tmp / "a"), "--cache-dir", str(tmp / "cache")])
+    tp3(["bench", *TINY, "--out", str(tmp / "b"), "--cache-dir", str(tmp / "cache"), "--compare",
+         str(tmp / "a" / "bench.json")])
+    return tmp, json.loads((tmp / "a" / "bench.json").read_text()), json.loads((tmp / "b" / "compare.json").read_text())
+
+
+def _table(md: str) -> dict[tuple[str, str], tuple[float, float, float]]:
+    """compare.md's table: (section, cell) -> (A images/s, B images/s, B / A)."""
+    rows = re.findall(r"^\| ([a-z ]+) \| ([^|]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", md, re.M)
+    return {(s, c): (float(a), float(b), float(r)) for s, c, a, b, r in rows}
+
+
+def _bars(img: np.ndarray, colour: str) -> int:
+    """Horizontal bars drawn in `colour`: the runs of that colour down the column just right of where they start."""
+    mask = (np.abs(img - rgb(colour)).max(axis=-1) <= 6)
+    cols = np.flatnonzero(mask.sum(axis=0) > 0)
+    if not len(cols):
+        return 0
+    column = mask[:, cols.min() + 2].astype(int)
+    return int((np.diff(np.concatenate([[0], column])) == 1).sum())
 
 
 def test_compare_gives_the_ratio_of_every_cell_both_runs_measured(two_runs):
-    tmp, first, second = two_runs
+    tmp, first, saved = two_runs
     a = json.loads((tmp / "b" / "bench.json").read_text())   # the run just measured is A, the other one B
     b = json.loads((tmp / "a" / "bench.json").read_text())
-    saved = json.loads((tmp / "b" / "compare.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(second["rows"]))
+    assert a["pipeline"] is None and b == first  # --no-pipeline: no pipeline section
     ips = lambda r: {(g["mode"], g["precision"]): g["images_per_s"] for g in r["grid"] if g["status"] == "ok"}  # noqa: E731
     grid = {tuple(r["key"][1:3]): r for r in saved["rows"] if r["section"] == "modes x levers"}
     assert set(grid) == set(ips(a)) == {("unfrozen", "fp32"), ("frozen", "fp32")}
@@ -51,17 +67,30 @@ def test_compare_gives_the_ratio_of_every_cell_both_runs_measured(two_runs):
     assert saved["baseline_ratio"] == grid[("unfrozen", "fp32")]["ratio"]
     # fp16 needs CUDA: skipped by both runs, listed apart and not compared
     assert [s["cell"] for s in saved["skipped"]] == ["frozen, fp16, contiguous"]
+    # compare.md: every cell both runs measured, with both throughputs and their ratio, read from the two runs'
+    # bench.json (4 significant digits in the table, 3 for the baseline)
     md = (tmp / "b" / "compare.md").read_text()
-    assert md == compare_markdown(saved) and f"{grid[('frozen', 'fp32')]['ratio']:.4g}" in md
-    assert "Not measured by both runs" in md and md.count("\n| modes x levers |") == 2
-    with Image.open(tmp / "b" / "compare.png") as im:
-        assert im.size[0] > 400
+    want = {("modes x levers", f"{m}, {p}, contiguous"): (ips(a)[m, p], ips(b)[m, p]) for m, p in ips(a)}
+    want.update({("fastai vs plain loop", f"{x['mode']}, {x['loop']}, {x['precision']}"): (
+        x["images_per_s"], y["images_per_s"]) for x, y in zip(a["overhead"], b["overhead"])})
+    table = _table(md)
+    assert set(table) == set(want) and len(want) == 6
+    for key, (ips_a, ips_b) in want.items():
+        assert table[key] == pytest.approx((ips_a, ips_b, ips_b / ips_a), rel=1e-3), key
+    base = b["baseline"]["images_per_s"] / a["baseline"]["images_per_s"]
+    assert f"Baseline (unfrozen, fp32, contiguous): B is **{base:.3g}x** A." in md
+    assert "Not measured by both runs (skipped on their device): frozen, fp16, contiguous (A: skipped: needs CUDA, " \
+           "B: skipped: needs CUDA)." in md
+    # compare.png: a bar per compared cell, blue for the modes x levers cells, orange for the loops, no other
+    img = pixels(tmp / "b" / "compare.png")
+    assert (_bars(img, CYCLE[0]), _bars(img, CYCLE[1]), _bars(img, CYCLE[2])) == (2, 4, 0)
 
 
 def test_two_earlier_runs_compare_without_measuring(two_runs, tmp_path):
     tmp, _, second = two_runs
-    r = _bench_freeze()(compare=f"{tmp / 'a'},{tmp / 'b' / 'bench.json'}", out=str(tmp_path / "c"))
+    tp3(["bench", "--compare", f"{tmp / 'a'},{tmp / 'b' / 'bench.json'}", "--out", str(tmp_path / "c")])
     assert {p.name for p in (tmp_path / "c").iterdir()} == {"compare.json", "compare.md", "compare.png"}
+    r = json.loads((tmp_path / "c" / "compare.json").read_text())
     # A and B swapped: every ratio is the inverse of the first comparison's
     inverse = {tuple(x["key"]): 1 / x["ratio"] for x in second["rows"]}
     assert {tuple(x["key"]): pytest.approx(x["ratio"]) for x in r["rows"]} == inverse
@@ -69,10 +98,8 @@ def test_two_earlier_runs_compare_without_measuring(two_runs, tmp_path):
 
 def test_runs_of_another_model_size_or_batch_are_refused_before_measuring(two_runs, tmp_path, capsys):
     tmp, _, _ = two_runs
-    with pytest.raises(SystemExit) as e:
-        _bench_freeze()(**dict(TINY, bs=4), compare=str(tmp / "a" / "bench.json"), out=str(tmp_path / "d"))
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1
+    err = _exits_2(["bench", *TINY, "--bs", "4", "--compare", str(tmp / "a" / "bench.json"), "--out",
+                    str(tmp_path / "d")], capsys)
     assert err.startswith("error: cannot compare benchmarks of different configurations (bs differ): this run is "
                           "resnet18, 32 px, batch 4") and err.endswith("--arch resnet18 --size 32 --bs 2")
     assert not (tmp_path / "d").exists()

@@ -103,12 +103,13 @@ def test_predict_without_an_image_or_with_a_missing_one_says_so(model, tmp_path,
 # ---------------------------------------------------------------- bench-mnist, run, label-efficiency
 def test_bench_mnist_prints_and_writes_its_measurements(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    tp3(["bench-mnist", "--archs", "mlp", "--epochs", "1", "--repeats", "2", "--device", "cpu", "--out", str(out)])
+    tp3(["bench-mnist", "--archs", "mlp", "--epochs", "1", "--repeats", "2", "--bs", "128", "--device", "cpu",
+         "--out", str(out)])
     (r,) = json.loads(out.read_text())
-    assert (r["arch"], r["bs"], r["train_images"], r["optimizer"]) == ("mlp", 64, 3200, "torch.optim.Adam")
+    assert (r["arch"], r["bs"], r["train_images"], r["optimizer"]) == ("mlp", 128, 3200, "torch.optim.Adam")
     f, p = r["fastai_epoch_s"], r["plain_epoch_s"]
-    assert f["n"] == p["n"] == 2 and r["ratio"] == pytest.approx(f["median"] / p["median"])
-    # the same work: both loops learn alike (the second repeat's batch orders differ: measured 0.885 and 0.875)
+    assert f["n"] == p["n"] == 2 and r["ratio"] == pytest.approx(f["median"] / p["median"])  # 1 epoch x 2 repeats
+    # the same work: both loops learn alike (the second repeat's batch orders differ)
     acc = r["final_valid_accuracy"]
     assert acc["fastai"] > 0.8 and acc["plain"] > 0.8 and acc["fastai"] == pytest.approx(acc["plain"], abs=0.03)
     assert f"ratio {r['ratio']:.3f}x" in capsys.readouterr().out
@@ -148,25 +149,29 @@ def test_label_efficiency_takes_its_options(tmp_path, capsys):
     save_file(timm.create_model("test_resnet", pretrained=False, num_classes=0, in_chans=1).state_dict(), str(weights))
     out = tmp_path / "le"
     tp3(["label-efficiency", "--ks", "2", "--seeds", "0", "--modes", "scratch,finetune", "--arch", "test_resnet",
-         "--epochs", "2", "--bs", "8", "--lr", "0.002", "--lr-mult", "4", "--no-recalibrate", "--weights",
+         "--epochs", "2", "--bs", "4", "--lr", "0.004", "--lr-mult", "4", "--no-recalibrate", "--weights",
          str(weights), "--curves-k", "2", "--device", "cpu", "--out", str(out)])
     assert f"run folder: {out}" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert (config["ks"], config["seeds"], config["modes"]) == ([2], [0], ["scratch", "finetune"])
     assert config["lr_mult"] == 4 and config["recalibrate"] is False and config["weights"] == str(weights)
+    assert (config["arch"], config["epochs"], config["bs"], config["lr"]) == ("test_resnet", 2, 4, 0.004)
+    # k = 2 labelled digits of each of the 5 target classes, in batches of 4, 4 and 2: 3 steps per epoch, 2 epochs
     with open(out / "runs.csv", newline="") as f:
-        assert [(r["mode"], r["k"], r["seed"], r["n_train"]) for r in csv.DictReader(f)] == [
-            ("scratch", "2", "0", "10"), ("finetune", "2", "0", "10")]
+        assert [(r["mode"], r["k"], r["seed"], r["n_train"], r["steps"]) for r in csv.DictReader(f)] == [
+            ("scratch", "2", "0", "10", "6"), ("finetune", "2", "0", "10", "6")]
     summary = json.loads((out / "summary.json").read_text())
     scratch, finetune = summary["runs"]
     assert scratch["weights"] == "random init" and finetune["weights"].startswith(f"file: {weights.resolve()}")
-    assert finetune["phases"][1]["lr"] == "slice(0.00025, 0.001)"  # body lr = head lr / 4
+    assert finetune["phases"][0]["lr"] == "0.004"  # --lr: the head-only phase
+    assert finetune["phases"][1]["lr"] == "slice(0.0005, 0.002)"  # then lr / 2, body lr = head lr / 4
     assert scratch["recalibrated_bn_layers"] == finetune["recalibrated_bn_layers"] == 0
     md = (out / "label_efficiency.md").read_text()
     assert "fine_tune(lr_mult=4)" in md and "as training left them" in md
     # --curves-k 2: every mode's curves at k = 2 (first seed) and the fine-tuned body's test predictions
     assert {"curves_scratch.csv", "curves_finetune.csv", "comparison.png", "predictions.png"} <= {
         p.name for p in out.iterdir()}
+    assert len((out / "curves_finetune.csv").read_text().splitlines()) == 1 + 2  # --epochs 2
 
 
 # ---------------------------------------------------------------- rf, overwrite, finetune --memory-format

@@ -161,11 +161,15 @@ def _sums_to_one(probs: torch.Tensor) -> bool:
     return bool(torch.allclose(probs.sum(dim=-1), torch.ones(len(probs)), atol=1e-5)) and bool((probs >= 0).all())
 
 
-def test_predict_names_a_class_of_the_vocabulary(case):
+def test_predict_names_the_class_the_learner_gives_that_image(case):
+    """items[0] is validation item 0 as a user holds it: predict gives it the class, and the probabilities, that
+    the learner gives that item in its validation pass."""
     label, idx, probs = case.learn.predict(case.items[0])
     vocab = _vocab(case.learn)
     assert probs.shape == (len(vocab),) and _sums_to_one(probs[None])
-    assert int(idx) == int(probs.argmax()) and str(label) == vocab[int(idx)]
+    valid_probs, _ = case.learn.get_preds()
+    assert torch.allclose(probs, valid_probs[0], atol=1e-5)
+    assert int(idx) == int(valid_probs[0].argmax()) and str(label) == vocab[int(idx)]
 
 
 def test_test_dl_reads_new_items_as_the_validation_loader_reads_its_own(case):
@@ -227,15 +231,20 @@ def test_summary_names_the_layers(case):
     assert f"Total params: {n_params:,}" in text
 
 
-def test_lr_find_prints_nothing(case, capsys):
+def test_lr_find_prints_nothing(case, capsys, tmp_path, monkeypatch):
     """The learners print a line per training epoch; lr_find, whose mock training spans whole epochs here, none."""
+    monkeypatch.chdir(tmp_path)  # lr_find saves the weights under learn.path / "models" (".": here) meanwhile
     learn = case.learn
     num_it = max(12, len(learn.dls.train) + 2)
     # stop_div=False: on these tiny sets the loss may diverge within a few steps, leaving fastai's suggestion
     # functions too few points
     suggestion = learn.lr_find(end_lr=1, num_it=num_it, stop_div=False, show_plot=False)
     assert capsys.readouterr().out == ""
-    assert len(learn.recorder.lrs) == num_it and suggestion.valley > 0
+    # the rates tried grow geometrically from 1e-7 towards end_lr; the suggestion is one of them
+    lrs = learn.recorder.lrs
+    assert len(lrs) == num_it and lrs[0] == pytest.approx(1e-7)
+    assert all(b / a == pytest.approx((1 / 1e-7) ** (1 / num_it)) for a, b in zip(lrs, lrs[1:]))
+    assert any(lr == pytest.approx(suggestion.valley) for lr in lrs)
 
 
 def test_show_batch_and_show_results_draw_decoded_images(case):

@@ -141,9 +141,18 @@ def test_parse_aug():
     assert a.batch == {"do_flip": False, "max_rotate": 10.0, "max_zoom": 1.1, "max_lighting": 0.2}
     assert a.min_scale is None
     assert parse_aug("crop=0.5").min_scale == 0.5
-    for bad in ("sometimes", "rot=ten", "spin=3", "zoom=0.5", "crop=2"):
-        with pytest.raises(ValueError):
+    for bad, message in (("sometimes", "unknown augmentation 'sometimes': use none, default, noflip or a list like "
+                                        "'flip=0,rot=10,zoom=1.1,light=0.2' (keys: crop, flip, vflip, rot, zoom, "
+                                        "light, warp)"),
+                         ("rot=ten", "augmentation item 'rot=ten' is not key=number (e.g. rot=10)"),
+                         ("flip=0,rot", "augmentation item 'rot' is not key=number (e.g. rot=10)"),
+                         ("spin=3", "unknown augmentation key 'spin': use crop, flip, vflip, rot, zoom, light, warp"),
+                         ("zoom=0.5", "zoom=0.5 is out of range (zoom >= 1, the others >= 0)"),
+                         ("light=-1", "light=-1 is out of range (zoom >= 1, the others >= 0)"),
+                         ("crop=2", "crop=2 must lie in [0, 1] (minimum area of the random crop)")):
+        with pytest.raises(ValueError) as e:
             parse_aug(bad)
+        assert str(e.value) == message
 
 
 def _two_draws(dls):

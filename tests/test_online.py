@@ -619,3 +619,36 @@ def test_train_mnist_lr_0_and_a_batch_larger_than_the_training_set_leave_no_run_
         finetune_experiment(arch=ARCH, modes=["scratch"], out=tmp_path / "run", cache_dir=lfw_cache,
                             log=lines.append, **dict(FAST, bs=256))
     _no_training(lines, tmp_path / "run")
+
+
+# ---------------------------------------------------------------- the commands' online flags
+
+def test_finetune_reads_a_named_source_from_a_file_mirror(archives, tmp_path):
+    """`--mirror file:///folder`: the archives of a folder (a closed network's share), through `tp3 finetune`."""
+    from tp3_fastai.cli import main as tp3
+
+    folder = tmp_path / "share"
+    folder.mkdir()
+    (folder / "hymenoptera_data.zip").write_bytes(archives["/hymenoptera_data.zip"])
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    tp3(["finetune", "--data", "hymenoptera", "--mirror", folder.as_uri(), "--cache-dir", str(cache), "--arch", ARCH,
+         "--size", "32", "--bs", "16", "--epochs", "1", "--modes", "scratch", "--aug", "none", "--device", "cpu",
+         "--no-checkpoints", "--out", str(run)])
+    s = json.loads((run / "summary.json").read_text())
+    assert s["data"]["path"] == str(cache / "data" / "hymenoptera_data") and s["data"]["classes"] == ["ants", "bees"]
+    assert (s["data"]["n_train"], s["data"]["n_valid"]) == (150, 50)
+    assert json.loads((run / "config.json").read_text())["mirror"] == folder.as_uri()
+    assert [p.name for p in (cache / "data").iterdir()] == ["hymenoptera_data"]  # extracted, the archive gone
+
+
+def test_run_pretrained_takes_the_hub_weights(offline_hub, tmp_path):
+    from tp3_fastai.cli import main as tp3
+
+    made, hub_id = offline_hub[ARCH]
+    out = tmp_path / "report"
+    tp3(["run", "--parts", "transfer", "--pretrained", "--arch", ARCH, "--transfer-epochs", "1", "--modes", "frozen",
+         "--device", "cpu", "--out", str(out)])
+    s = json.loads((out / "part2_transfer" / "summary.json").read_text())
+    assert s["weights"] == f"timm hub: {hub_id}" and s["data"]["source"].startswith("lfw")
+    assert f"**Where the weights came from: timm hub: {hub_id}.**" in (out / "report.md").read_text()
+    _body_matches(load_learner(out / "part2_transfer" / "model.pkl", cpu=True).model[0].model, made)

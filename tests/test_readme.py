@@ -55,8 +55,9 @@ def folder(tmp_path_factory) -> Path:
     faces = lfw_subset()
     Image.fromarray((faces[0] * 255).astype(np.uint8)).convert("RGB").save(work / "a.jpg")
     Image.fromarray((faces[150] * 255).astype(np.uint8)).save(work / "b.png")
-    # what `tp3 pretrain --epochs 1 --out body.safetensors` writes
-    path, _ = pretrained_body(epochs=1, cache_dir=home / "bodies", device="cpu", progress=False, log=None)
+    # what `tp3 pretrain --epochs 1 --out body.safetensors` writes; in the run's cache (~/.cache/tp3_fastai/bodies of
+    # the suite's home), where notebooks 00 and 02 pretrain the same body when they run
+    path, _ = pretrained_body(epochs=1, device="cpu", progress=False, log=None)
     copy_body(path, work / "body.safetensors")
     return work
 

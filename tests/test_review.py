@@ -5,7 +5,6 @@ import json
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from tp3_fastai.review.activations import ACTIVATIONS, activation_curves, plot_activations, softmax_steps
@@ -13,6 +12,7 @@ from tp3_fastai.data.mnist import DownloadError
 from tp3_fastai.review.kernels import first_conv, imagenet_grid, kernel_grid, kernel_tiles, plot_kernel_grid
 from tp3_fastai.mnist.models import SmallCNN
 from tp3_fastai.practical import run_practical
+from figures import assert_series, count_tiles, pixels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,7 +28,7 @@ def test_activation_derivatives_are_the_textbook_formulas(tmp_path):
     for name, (y, dy) in curves.items():
         assert torch.allclose(y, ACTIVATIONS[name](x)), name
         assert torch.allclose(dy, expected[name], atol=1e-12), name
-    assert plot_activations(tmp_path / "a.png").stat().st_size > 20_000
+    assert_series(plot_activations(tmp_path / "a.png"), len(ACTIVATIONS))  # a curve colour per activation
 
 
 def test_softmax_written_out_equals_torch_and_sums_to_one():
@@ -50,8 +50,7 @@ def test_kernel_grid_has_one_tile_per_filter_scaled_to_its_own_range(tmp_path):
         assert tile.shape == (1, 5, 5) and tile.min() == 0 and tile.max() == pytest.approx(1)
         expected = (w[i] - w[i].min()) / (w[i].max() - w[i].min())
         assert torch.allclose(tile, expected)
-    with Image.open(plot_kernel_grid(grid, tmp_path / "k.png")) as im:
-        assert im.size[0] > 400
+    assert count_tiles(pixels(plot_kernel_grid(grid, tmp_path / "k.png"))) == 10  # a tile per filter
     rgb = kernel_tiles(torch.randn(64, 3, 7, 7))
     assert len(rgb) == 64 and rgb[0].shape == (3, 7, 7)
     with pytest.raises(ValueError, match="2-D convolution"):
@@ -123,8 +122,11 @@ def test_the_layers_part_alone_writes_its_report_section(part0):
     assert any("ImageNet weights not available" in n and "offline" in n for n in summary["kernel_notes"])
     html = (part0 / "report.html").read_text()
     for fig in ("part0_layers/architectures.png", "part0_layers/activations.png", "part0_layers/kernels_mnist_cnn.png"):
-        assert f"![" in md and f"({fig})" in md and f'src="{fig}"' in html
-        assert (part0 / fig).stat().st_size > 10_000
+        assert "![" in md and f"({fig})" in md and f'src="{fig}"' in html
+    # what each figure shows: the seven networks, the six activations, a tile per filter of the CNN's first layer
+    assert_series(part0 / "part0_layers/architectures.png", 7)
+    assert_series(part0 / "part0_layers/activations.png", 6)
+    assert count_tiles(pixels(part0 / "part0_layers/kernels_mnist_cnn.png")) == 10
     assert html.count("<table") == 4
 
 
@@ -146,7 +148,9 @@ def test_kernel_review_shows_a_weights_files_first_layer_or_says_why_not(part0, 
     ok = kernel_review(tmp_path / "ok", mnist_run=cnn_run, weights=path, arch="resnet18",
                        cache_dir=tmp_path / "none", log=lambda s: None)
     assert [k["filters"] for k in ok["kernels"]] == [10, 64] and str(path.resolve()) in ok["kernels"][1]["source"]
-    assert (tmp_path / "ok" / "kernels_imagenet.png").stat().st_size > 10_000
+    img = pixels(tmp_path / "ok" / "kernels_imagenet.png")  # 64 tiles of the weights' 3 colour channels
+    coloured = img.max(axis=-1) - img.min(axis=-1) > 12
+    assert count_tiles(img) == 64 and coloured.mean() > 0.3
     bad = kernel_review(tmp_path / "bad", mnist_run=cnn_run, weights=path, arch="resnet50",
                         cache_dir=tmp_path / "none", log=lambda s: None)
     assert len(bad["kernels"]) == 1 and any("do not load into resnet50" in n for n in bad["kernel_notes"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -204,12 +204,17 @@ def test_experiment_labels_random_init(cache, tmp_path):
         finetune_experiment(epochs=1, modes=["finetune"], out=tmp_path / "x", cache_dir=cache)
 
 
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+def _run(script: str, *args: str) -> None:
+    """Run scripts/<script> as `python scripts/<script> ARGS` would, in this process (no second interpreter start)."""
+    argv = sys.argv
+    sys.argv = [str(ROOT / "scripts" / script), *args]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        sys.argv = argv
 
 
-def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_path, capsys, device):
+def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_path, capsys, device, one_torch_thread):
     torch.manual_seed(7)
     weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
@@ -219,10 +224,10 @@ def test_finetune_script_writes_every_output_and_predict_reads_it(cache, tmp_pat
     out = tmp_path / "run"
     # bs 16: ten steps an epoch let BatchNorm's running statistics leave their initial values; at bs 32 (five steps)
     # every mode predicted one class in the validation pass (measured on CI and here after the optimiser change)
-    r = _run("finetune.py", "--arch", ARCH, "--size", "32", "--bs", "16", "--epochs", "2", "--weights", str(weights),
-             "--out", str(out), "--cache-dir", str(cache), "--aug", "noflip")
-    assert r.returncode == 0, r.stderr
-    assert "| mode |" in r.stdout and "| frozen |" in r.stdout
+    _run("finetune.py", "--arch", ARCH, "--size", "32", "--bs", "16", "--epochs", "2", "--weights", str(weights),
+         "--out", str(out), "--cache-dir", str(cache), "--aug", "noflip")
+    printed = capsys.readouterr().out
+    assert "| mode |" in printed and "| frozen |" in printed
     for name in ("config.json", "metrics_scratch.csv", "metrics_finetune.csv", "metrics_frozen.csv", "summary.json",
                  "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

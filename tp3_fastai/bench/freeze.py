@@ -27,6 +27,7 @@ from .pipelines import PipelinePlan, bench_pipeline
 from .report import cell_label, bench_markdown, plot_bench
 from .timing import StepPlan, driver_version, free_device_memory, load_average, tf32_flags
 
+PIPELINE_SYNC_BATCHES = 3  # training batches the pipeline comparison's host-read count draws at once
 CPU_MEMORY_NOTE = "n/a on CPU (peak device memory is measured with torch.cuda.max_memory_allocated on CUDA only)"
 PRESETS = {
     # the GPU configuration (default) and the CI configuration (--quick: sized for a 2-core CPU)
@@ -233,6 +234,7 @@ def _bench_training_modes(cfg: BenchConfig, log: Callable[[str], None] | None) -
     if dev.type == "cpu" and not cfg.quick and cfg.size * cfg.bs >= 224 * 64 and log:
         log("note: the default configuration is sized for a GPU; on a CPU use --quick (or a small --size / --bs)")
 
+    pipe_dls = _pipeline_dls(cfg, dev) if cfg.pipeline_modes else {}  # a folder too small: refused before any work
     run = new_run_dir(cfg.out, cfg.overwrite)
     env = env_info(dev)
     env.update(driver=driver_version(dev), tf32=tf32_flags(dev), torch_threads=torch.get_num_threads(),
@@ -245,7 +247,6 @@ def _bench_training_modes(cfg: BenchConfig, log: Callable[[str], None] | None) -
             f"{config['load_average_start']}; run folder {run}")
 
     n_classes = cfg.n_classes
-    pipe_dls = _pipeline_dls(cfg, dev) if cfg.pipeline_modes else {}
     if pipe_dls:
         n_classes = next(iter(pipe_dls.values())).c
     batches = synthetic_batches(4, cfg.bs, cfg.size, n_classes, dev, cfg.seed)
@@ -291,8 +292,15 @@ def _pipeline_dls(cfg: BenchConfig, dev: torch.device) -> dict[str, Any]:
     size = cfg.size
     folder = jpeg_folder(cfg.cache_dir, cfg.jpeg_images, px=round(size * 1.75)) if cfg.data == "jpeg" else cfg.data
     kw = {} if cfg.num_workers is None else dict(num_workers=cfg.num_workers)
-    return {p: image_dls(folder, size=size, bs=cfg.bs, seed=cfg.seed, aug=cfg.pipeline_aug, device=dev,
-                         cache_dir=cfg.cache_dir, pipeline=p, **kw) for p in cfg.pipelines}
+    dls = {p: image_dls(folder, size=size, bs=cfg.bs, seed=cfg.seed, aug=cfg.pipeline_aug, device=dev,
+                        cache_dir=cfg.cache_dir, pipeline=p, **kw) for p in cfg.pipelines}
+    n_train = len(next(iter(dls.values())).train_ds)
+    if n_train < PIPELINE_SYNC_BATCHES * cfg.bs:  # pipeline_syncs counts over loaders of 2 and 3 of its batches
+        raise ValueError(f"the pipeline comparison needs {PIPELINE_SYNC_BATCHES} training batches of {cfg.bs} "
+                         f"images, and {cfg.data if cfg.data != 'jpeg' else folder} holds {n_train} training images: "
+                         f"lower --bs to {max(n_train // PIPELINE_SYNC_BATCHES, 1)} or less, or pass a larger folder "
+                         "(or --no-pipeline)")
+    return dls
 
 
 def _measure_grid(cfg: BenchConfig, syn_dls: Any, batches: list, dev: torch.device, cudnn_opts: list[bool | None],

@@ -174,6 +174,8 @@ def pretrained_body(config: BodyConfig | None = None, *, cache_dir: str | Path =
     (digits `source_classes` of the embedded pair), an image folder, or a SourceTask."""
     b = build_config(BodyConfig, config, options)
     check_arch(b.arch)
+    device = pick_device(device)  # a device or precision this machine lacks: refused before anything is read
+    precision = resolve_precision(precision, device)
     source = b.source if isinstance(b.source, SourceTask) else load_tasks(b.source, size=b.size,
                                                                              source_classes=b.source_classes)[0]
     config = body_config(source, b.arch, b.size, b.n_in, b.epochs, b.lr, b.bs, b.seed)
