@@ -254,8 +254,9 @@ def test_an_architecture_typo_names_close_names_only(tmp_path, capsys):
 def test_every_unknown_name_of_a_comma_list_is_refused_at_once(tmp_path, capsys):
     _exits(2, "finetune", "--modes", "scratch,scrach,frozn", "--out", str(tmp_path / "r"))
     assert capsys.readouterr().err.strip() == (
-        "error: unknown training modes 'scrach' (did you mean: scratch?), 'frozn' (did you mean: frozen, frozen_bn?). "
-        "Known: scratch, finetune, frozen, frozen_bn.")
+        "error: unknown training modes 'scrach' (did you mean: scratch?), 'frozn' (did you mean: frozen, frozen_bn, "
+        "frozen_to:K?). Known: scratch, finetune, frozen, frozen_bn, gradual, frozen_to:K, frozen_bn_to:K, surgical:K, "
+        "discriminative:R.")
     _exits(2, "mnist", "--archs", "cnn,mpl", "--out", str(tmp_path / "r"))
     assert "unknown MNIST architecture 'mpl'. Did you mean: mlp?" in capsys.readouterr().err
     _exits(2, "bench-mnist", "--archs", "mlp,cnm", "--out", str(tmp_path / "b.json"))  # before mlp is timed

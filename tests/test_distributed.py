@@ -361,7 +361,7 @@ def test_accelerate_launch_starts_two_processes_that_join_one_gloo_group(tmp_pat
 
 
 # Part II under torchrun: scripts/finetune.py unchanged, a ResNet with BatchNorm, fine_tune's two fits
-FINETUNE_ARGS = ["--arch", "test_resnet", "--size", "32", "--bs", "32", "--epochs", "4", "--modes", "finetune",
+FINETUNE_ARGS = ["--arch", "test_resnet", "--size", "32", "--bs", "32", "--epochs", "4", "--modes", "finetune,gradual",
                  "--aug", "none", "--device", "cpu", "--seed", "0"]
 # Unlike the MNIST CNN, a ResNet cannot match a single process exactly, although every step sees the same images
 # (test below): each process normalises with the BatchNorm statistics of its 16 images (SyncBatchNorm needs CUDA)
@@ -410,7 +410,7 @@ def test_finetune_on_two_processes_trains_both_and_writes_once(finetune_runs):
     assert sorted(p.name for p in folder.iterdir()) == ["r"]
     assert {p.name for p in (folder / "r").iterdir()} == {
         "config.json", "summary.json", "summary.md", "comparison.png", "show_batch.png", "predictions.png",
-        "confusion_matrix.png", "model.pkl", "metrics_finetune.csv", "checkpoints"}
+        "confusion_matrix.png", "model.pkl", "metrics_finetune.csv", "metrics_gradual.csv", "checkpoints"}
     with open(folder / "r" / "metrics_finetune.csv") as f:
         assert [r[0] for r in csv.reader(f)] == ["epoch", "1", "2", "3", "4"]
     assert stdout.count("finetune epoch 1/4") == 1 and stdout.count("finetune epoch 4/4") == 1
@@ -418,11 +418,21 @@ def test_finetune_on_two_processes_trains_both_and_writes_once(finetune_runs):
     config = json.loads((folder / "r" / "config.json").read_text())
     assert config["world_size"] == 2 and config["bs"] == 32 and config["bs_per_process"] == 16
     # rank 0 alone predicted the whole valid set, once: each row holds its class's images (true classes as rows),
-    # and the diagonal is the final validation accuracy, which the ranks had gathered during training
-    cm = s["confusion_matrix"]
+    # and the diagonal is the exported mode's best validation accuracy, which the ranks had gathered in training
+    cm, best = s["confusion_matrix"], s["modes"][s["best_mode"]]
     valid = Path(s["data"]["path"]) / "valid"
     assert [sum(row) for row in cm["matrix"]] == [len(list((valid / c).iterdir())) for c in cm["classes"]]
-    assert sum(cm["matrix"][i][i] for i in range(len(cm["classes"]))) / 50 == pytest.approx(ft["final_valid_accuracy"])
+    assert sum(cm["matrix"][i][i] for i in range(len(cm["classes"]))) / 50 == pytest.approx(best["best_valid_accuracy"])
+
+
+def test_gradual_unfreezing_all_reduces_every_group_it_thaws(finetune_runs):
+    """DDP all-reduces the parameters that trained when it wrapped the model: a group thawed later must be
+    all-reduced too, or the ranks' weights drift apart (they did before GradualUnfreezing wrapped the model again)."""
+    gradual = finetune_runs["two"]["modes"]["gradual"]
+    assert [p["trainable_params"] for p in gradual["phases"]] == sorted(p["trainable_params"] for p in gradual["phases"])
+    assert len({p["trainable_params"] for p in gradual["phases"]}) == 4  # head, then layer4, layer3, layer2 thawed
+    assert [r["train_batches"] for r in gradual["ranks"]] == [16, 16]
+    assert len({r["weights"] for r in gradual["ranks"]}) == 1  # the same weights on both ranks
 
 
 def test_finetune_on_two_processes_matches_a_single_process(finetune_runs):

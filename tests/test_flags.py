@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---------------------------------------------------------------- which test tries each flag
 T_CLI, T_MODES, T_CKPT, T_REL = "test_cli.py", "test_modes.py", "test_checkpoint.py", "test_finetune_reliability.py"
 T_FLAGS, T_ONLINE, T_TRANSFER, T_EXITS = "test_flags.py", "test_online.py", "test_transfer.py", "test_cli_exits.py"
-T_COMPARE = "test_bench_compare.py"
+T_COMPARE, T_DEPTH = "test_bench_compare.py", "test_freeze_depth.py"
 REFUSED_DEVICE = (T_FLAGS, "test_a_device_this_machine_lacks_is_refused_before_any_work")
 REFUSED_PRECISION = (T_FLAGS, "test_mixed_precision_on_a_cpu_is_refused_before_any_work")
 FLAGS: dict[str, dict[str, tuple[str, str]]] = {
@@ -51,6 +51,7 @@ FLAGS: dict[str, dict[str, tuple[str, str]]] = {
         "--ks": (T_FLAGS, "test_run_flags_of_the_offline_study"),
         "--seeds": (T_FLAGS, "test_run_flags_of_the_offline_study"),
         "--modes": (T_FLAGS, "test_run_flags_of_the_offline_study"),
+        "--depth-modes": (T_FLAGS, "test_run_flags_of_the_offline_study"),
         "--images": (T_FLAGS, "test_run_flags_of_the_image_folder_experiment"),
         "--arch": (T_FLAGS, "test_run_flags_of_the_image_folder_experiment"),
         "--transfer-epochs": (T_FLAGS, "test_run_flags_of_the_image_folder_experiment"),
@@ -82,6 +83,7 @@ FLAGS: dict[str, dict[str, tuple[str, str]]] = {
         **{f: (T_FLAGS, "test_label_efficiency_flags_of_the_source_and_its_body") for f in (
             "--size", "--n-in", "--pretrain-epochs", "--pretrain-lr", "--source", "--target", "--cache-dir",
             "--retrain", "--overwrite")},
+        "--shift": (T_FLAGS, "test_label_efficiency_shift_takes_the_source_classes_held_out_images_changed"),
         "--device": REFUSED_DEVICE,
         "--precision": REFUSED_PRECISION,
     },
@@ -124,6 +126,17 @@ FLAGS: dict[str, dict[str, tuple[str, str]]] = {
         "--no-pipeline": (T_COMPARE, "test_compare_gives_the_ratio_of_every_cell_both_runs_measured"),
         "--compare": (T_COMPARE, "test_compare_gives_the_ratio_of_every_cell_both_runs_measured"),
         "--device": (T_EXITS, "test_a_gpu_this_machine_lacks_is_refused_before_any_work"),
+        "--depth-modes": (T_DEPTH, "test_bench_times_the_depth_modes_in_alternating_rounds"),
+    },
+    "freeze-depth": {
+        **{f: (T_DEPTH, "test_the_depth_study_writes_the_tradeoff_and_the_surgical_comparison") for f in (
+            "--arch", "--ks", "--seeds", "--epochs", "--pretrain-epochs", "--steps", "--repeats", "--warmup",
+            "--threads")},
+        **{f: (T_FLAGS, "test_freeze_depth_flags") for f in (
+            "--modes", "--surgical-modes", "--shift", "--size", "--n-in", "--bs", "--lr", "--weights", "--cache-dir",
+            "--retrain", "--out", "--overwrite")},
+        "--device": REFUSED_DEVICE,
+        "--precision": REFUSED_PRECISION,
     },
     "bench-mnist": {
         **{f: (T_CLI, "test_bench_mnist_prints_and_writes_its_measurements") for f in (
@@ -226,13 +239,16 @@ SMALL = {"run": ["run", "--parts", "mnist", "--mnist-epochs", "1"],
          "label-efficiency": ["label-efficiency", "--arch", ARCH, "--ks", "1", "--seeds", "0", "--modes", "scratch",
                               "--epochs", "1"],
          "finetune": ["finetune", "--arch", ARCH, "--size", "32", "--epochs", "2", "--modes", "scratch"],
-         "bench-mnist": ["bench-mnist", "--archs", "mlp", "--epochs", "1", "--repeats", "1"]}
+         "bench-mnist": ["bench-mnist", "--archs", "mlp", "--epochs", "1", "--repeats", "1"],
+         "freeze-depth": ["freeze-depth", "--arch", ARCH, "--modes", "frozen_to:5", "--surgical-modes", "", "--ks", "1",
+                          "--seeds", "0", "--epochs", "1"]}
 
 
 def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
     out = tmp_path / {"bench-mnist": "m.json", "pretrain": "body.safetensors"}.get(argv[0], "out")
     dest = ["--out", str(out)]
-    extra = ["--cache-dir", str(tmp_path / "cache")] if argv[0] in ("pretrain", "label-efficiency", "finetune") else []
+    extra = (["--cache-dir", str(tmp_path / "cache")] if argv[0] in ("pretrain", "label-efficiency", "finetune",
+                                                                     "freeze-depth") else [])
     with pytest.raises(SystemExit) as e:
         tp3([*argv, *dest, *extra])
     err = capsys.readouterr().err.strip()
@@ -242,14 +258,14 @@ def _refused(argv: list[str], tmp_path: Path, capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("command", ["run", "pretrain", "label-efficiency", "bench-mnist"])
+@pytest.mark.parametrize("command", ["run", "pretrain", "label-efficiency", "bench-mnist", "freeze-depth"])
 def test_a_device_this_machine_lacks_is_refused_before_any_work(command, tmp_path, capsys):
     # mnist, finetune and bench: test_cli_exits.py, through the console script
     err = _refused([*SMALL[command], "--device", "cuda"], tmp_path, capsys)
     assert err == "error: device 'cuda' was asked for but this machine has no CUDA GPU: use --device cpu (or auto)"
 
 
-@pytest.mark.parametrize("command", ["run", "mnist", "pretrain", "label-efficiency", "finetune"])
+@pytest.mark.parametrize("command", ["run", "mnist", "pretrain", "label-efficiency", "finetune", "freeze-depth"])
 def test_mixed_precision_on_a_cpu_is_refused_before_any_work(command, tmp_path, capsys):
     err = _refused([*SMALL[command], "--precision", "bf16", "--device", "cpu"], tmp_path, capsys)
     assert err == ("error: precision bf16 needs a CUDA GPU; on cpu use --precision fp32 (or auto, which picks fp32 "
@@ -301,25 +317,35 @@ def test_run_flags_of_part_one(mnist_mirror, tmp_path, monkeypatch, capsys):
 
 
 def test_run_flags_of_the_offline_study(tmp_path, monkeypatch):
-    """--ks, --seeds and --modes reach the study (pretraining its default body would take minutes here: the study
-    itself runs in test_practical.py, with the same keywords)."""
+    """--ks, --seeds and --modes reach the study, and --depth-modes the depth curve after it (pretraining its default
+    body would take minutes here: both run in test_practical.py, with the same keywords)."""
+    from tp3_fastai import practical
+    from tp3_fastai.bench import tradeoff
     from tp3_fastai.transfer import label_efficiency as LE
 
-    asked = {}
+    asked, depth = {}, {}
 
     class Reached(Exception):
         pass
 
     def study(**kwargs):
         asked.update(kwargs)
+        return {"body": {"path": "body.safetensors"}}
+
+    def depth_study(**kwargs):
+        depth.update(kwargs)
         raise Reached
 
     monkeypatch.setattr(LE, "label_efficiency", study)
+    monkeypatch.setattr(practical, "study_section", lambda run, study: None)
+    monkeypatch.setattr(tradeoff, "depth_study", depth_study)
     with pytest.raises(Reached):
         tp3(["run", "--parts", "transfer", "--ks", "7,3", "--seeds", "4,2", "--modes", "scratch,frozen",
-             "--device", "cpu", "--out", str(tmp_path / "r")])
+             "--depth-modes", "frozen_to:1,surgical:2", "--device", "cpu", "--out", str(tmp_path / "r")])
     assert (list(asked["ks"]), list(asked["seeds"]), asked["modes"]) == ([7, 3], [4, 2], ["scratch", "frozen"])
     assert asked["curves_k"] == 3 and asked["out"] == tmp_path / "r" / "part2_transfer"
+    assert (depth["modes"], list(depth["ks"]), list(depth["seeds"])) == (["frozen_to:1", "surgical:2"], [3], [4, 2])
+    assert depth["out"] == tmp_path / "r" / "part2_depth"
 
 
 @pytest.fixture(scope="module")
@@ -544,6 +570,58 @@ def test_label_efficiency_flags_of_the_source_and_its_body(digit_folders, tmp_pa
     assert (config["size"], config["n_in"], config["pretrain_epochs"], config["pretrain_lr"]) == (24, 3, 1, 0.01)
     (run,) = summary["runs"]
     assert (run["mode"], run["k"], run["n_train"], run["n_test"]) == ("frozen", 2, 4, 12)
+
+
+# ---------------------------------------------------------------- freeze-depth
+
+def test_freeze_depth_flags(tmp_path, capsys):
+    """The depth study's own flags: which modes, the surgical ones and their input shift, the body's size, channels
+    and cache (retrained although cached), the target's batch and rate, then a weights file instead of a body."""
+    cache, out = tmp_path / "bodies", _stale(tmp_path / "fd")
+    common = ["freeze-depth", "--arch", ARCH, "--modes", "frozen_to:5", "--ks", "2", "--seeds", "0", "--size", "24",
+              "--n-in", "3", "--epochs", "1", "--pretrain-epochs", "1", "--steps", "1", "--repeats", "1", "--warmup",
+              "1", "--device", "cpu", "--threads", "1"]
+    tp3(["pretrain", "--arch", ARCH, "--size", "24", "--n-in", "3", "--epochs", "1", "--device", "cpu",
+         "--cache-dir", str(cache)])
+    cached, _ = _printed_body(capsys.readouterr().out)
+    tp3([*common, "--surgical-modes", "surgical:4", "--shift", "noise", "--bs", "4", "--lr", "0.01",
+         "--cache-dir", str(cache), "--retrain", "--out", str(out), "--overwrite"])
+    assert _replaced(out)
+    s = _json(out / "summary.json")
+    config = s["config"]
+    assert (config["modes"], config["surgical_modes"], config["shift"]) == (["frozen_to:5"], ["surgical:4"], "noise")
+    assert (config["size"], config["n_in"], config["bs"], config["lr"]) == (24, 3, 4, 0.01)
+    assert [r["mode"] for r in s["cost"]] == ["frozen_to:5", "surgical:4"]  # timed at --bs
+    assert set(s["input_shift"]["accuracy"]) == {"surgical:4"}
+    assert "digits 0,1,2,3,4, held out from pretraining, noise (input-level shift" in s["input_shift"]["target"]
+    body = s["body"]  # the body `tp3 pretrain` had cached for this configuration, trained again (--retrain)
+    assert Path(body["path"]) == cached and body["cached"] is False and body["input_size"] == [3, 24, 24]
+    (run,) = _json(out / "label_shift" / "summary.json")["runs"]
+    assert (run["n_train"], run["steps"]) == (10, 3)  # 2 images of 5 classes in batches of 4: 3 steps an epoch
+    (shifted,) = _json(out / "input_shift" / "summary.json")["runs"]
+    # retrained once: both studies start from the body the summary names (the file still there)
+    assert run["weights"] == shifted["weights"] == f"file: {body['path']} (sha256 {body['sha256'][:16]})"
+
+    weights_out = tmp_path / "fd_weights"
+    named = tmp_path / "body.safetensors"  # a weights file of the user's, not in any cache
+    shutil.copy(body["path"], named)
+    tp3([*common, "--surgical-modes", "", "--weights", str(named), "--out", str(weights_out)])
+    s = _json(weights_out / "summary.json")
+    assert s["input_shift"] is None and s["config"]["weights"] == str(named)
+    (run,) = _json(weights_out / "label_shift" / "summary.json")["runs"]
+    assert run["weights"] == f"file: {named} (sha256 {body['sha256'][:16]})"
+
+
+def test_label_efficiency_shift_takes_the_source_classes_held_out_images_changed(tmp_path):
+    out = tmp_path / "le"
+    tp3(["label-efficiency", "--arch", ARCH, "--shift", "blur", "--ks", "1", "--seeds", "0", "--modes", "frozen",
+         "--epochs", "1", "--pretrain-epochs", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "bodies"),
+         "--out", str(out)])
+    summary = _json(out / "summary.json")
+    assert summary["config"]["target"] == ("MNIST digits 0,1,2,3,4, held out from pretraining, blur (input-level "
+                                           "shift: same classes, changed images)")
+    (run,) = summary["runs"]
+    assert (run["k"], run["n_train"]) == (1, 5)  # the source's 5 classes, not the label shift's digits 5-9
 
 
 # ---------------------------------------------------------------- rf

@@ -38,7 +38,8 @@ def test_one_cycle_with_the_package_optimizer_ends_where_fastais_adam_ends():
 
 
 def test_fine_tune_with_discriminative_rates_matches_fastais_adam(tmp_path):
-    """Two splitter groups (body, head): the head-only phase, then everything with slice(lr/100, lr)."""
+    """Six splitter groups (stem, layer1..layer4, head): the head-only phase, then everything with slice(lr/100, lr)
+    spread over the groups."""
     learners = {}
     for name, opt_func in (("fastai", FastaiAdam), ("package", default_opt_func("cpu"))):
         dls = image_dls("lfw", size=32, bs=32, aug="none", cache_dir=tmp_path / "cache")
@@ -49,7 +50,7 @@ def test_fine_tune_with_discriminative_rates_matches_fastais_adam(tmp_path):
         train_mode(learn, "finetune", 2, lr=2e-3, freeze_epochs=1)
         learners[name] = learn
     package = learners["package"]
-    assert len(package.opt.param_lists) == 2 and len(package.opt.opt.param_groups) == 4
+    assert len(package.opt.param_lists) == 6 and len(package.opt.opt.param_groups) == 12
     assert [h["lr"] for h in package.opt.hypers] == [h["lr"] for h in learners["fastai"].opt.hypers]
     assert _max_weight_difference(learners["fastai"].model, package.model) < 1e-5
 

@@ -101,11 +101,12 @@ def steps_per_epoch(n_images: int, bs: int) -> int:
 
 
 def _study(cfg: DepthConfig, modes: Sequence[str], shift: str, out: Path, dev: torch.device, prec: str,
-           log: Callable[[str], None]) -> dict[str, Any]:
-    """The label-efficiency study of `modes` on the target of `shift`, in the run folder `out`."""
+           log: Callable[[str], None], retrain: bool) -> dict[str, Any]:
+    """The label-efficiency study of `modes` on the target of `shift`, in the run folder `out` (`retrain`: pretrain
+    the body again even if cached)."""
     study = StudyConfig(ks=cfg.ks, seeds=cfg.seeds, modes=modes, arch=cfg.arch, size=cfg.size, n_in=cfg.n_in,
                         epochs=cfg.epochs, bs=cfg.bs, lr=cfg.lr, pretrain_epochs=cfg.pretrain_epochs, shift=shift,
-                        weights=cfg.weights, cache_dir=cfg.cache_dir, retrain=cfg.retrain, device=str(dev),
+                        weights=cfg.weights, cache_dir=cfg.cache_dir, retrain=retrain, device=str(dev),
                         precision=prec, out=out, overwrite=True, command=cfg.command)
     return label_efficiency(study, log=log)
 
@@ -334,12 +335,13 @@ def depth_study(config: DepthConfig | None = None, *, log: Callable[[str], None]
         timing["cost_s"] = time.perf_counter() - t
         by_mode = {r["mode"]: r for r in cost}
         t = time.perf_counter()
-        label = _study(cfg, cfg.modes, "label", run / "label_shift", dev, prec, log)
+        label = _study(cfg, cfg.modes, "label", run / "label_shift", dev, prec, log, cfg.retrain)
         timing["label_s"] = time.perf_counter() - t
         shifted = None
         if cfg.surgical_modes:
             t = time.perf_counter()
-            shifted = _study(cfg, cfg.surgical_modes, cfg.shift, run / "input_shift", dev, prec, log)
+            # the body the first study (re)trained: --retrain pretrains once, and both studies start from one body
+            shifted = _study(cfg, cfg.surgical_modes, cfg.shift, run / "input_shift", dev, prec, log, retrain=False)
             timing["input_s"] = time.perf_counter() - t
         timing["load_average_end"] = load_average()
         first = label["runs"][0]

@@ -29,8 +29,10 @@ class CrossEntropy(nn.CrossEntropyLoss):
 
 
 def in_notebook() -> bool:
-    """True inside a Jupyter kernel."""
-    return "ipykernel" in sys.modules
+    """True inside a Jupyter kernel (its IPython shell runs; ipykernel merely imported, as by a tool, is not one)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def setup_learner(learn: Learner, precision: str = "fp32", csv_path: str | Path | None = None,
