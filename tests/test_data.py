@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,50 @@ def test_offline_full_download_names_the_sample_as_alternative(tmp_path):
 def test_bad_fractions_are_rejected():
     with pytest.raises(ValueError, match="valid_pct and test_pct"):
         load_mnist("sample", valid_pct=1.5)
+
+
+@pytest.mark.parametrize("data_filter", [True, False], ids=["tarfile's data filter", "older Python, checked here"])
+def test_archives_extract_inside_their_folder_and_members_that_leave_it_are_refused(data_filter, tmp_path, monkeypatch):
+    """Python 3.11.2 (Debian 12) has no `filter=` in TarFile.extractall: the same refusals then come from untar."""
+    import io
+    import tarfile
+
+    from tp3_fastai.data.download import untar
+
+    if not data_filter:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    elif not hasattr(tarfile, "data_filter"):
+        pytest.skip("this Python's tarfile has no data filter")
+
+    def archive(name: str, *members: tarfile.TarInfo) -> Path:
+        path = tmp_path / name
+        with tarfile.open(path, "w:gz") as t:
+            for m in members:
+                t.addfile(m, io.BytesIO(b"digit") if m.isfile() else None)
+        return path
+
+    def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.TarInfo:
+        m = tarfile.TarInfo(name)
+        m.type, m.linkname, m.size = kind, link, 5 if kind == tarfile.REGTYPE else 0
+        return m
+
+    good = archive("good.tgz", member("mnist_png/0/a.png"), member("mnist_png/1/b.png"))
+    with tarfile.open(good) as t:
+        untar(t, tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.png")) == [
+        "mnist_png/0/a.png", "mnist_png/1/b.png"]
+    assert (tmp_path / "out" / "mnist_png" / "0" / "a.png").read_bytes() == b"digit"
+    outside = tmp_path / "evil.png"
+    for bad in (member("../evil.png"), member("mnist_png/x", tarfile.SYMTYPE, "../../etc"),
+                member("mnist_png/y", tarfile.LNKTYPE, "../outside")):
+        with tarfile.open(archive("bad.tgz", bad)) as t, pytest.raises((ValueError, tarfile.TarError)):
+            untar(t, tmp_path / "bad")
+        assert not outside.exists() and not (tmp_path / "bad" / "mnist_png").exists()
+    # an absolute name: refused here, or stripped of its '/' by tarfile's filter; never written at that path
+    absolute = tmp_path / "abs" / "evil.png"
+    with tarfile.open(archive("abs.tgz", member(str(absolute)))) as t:
+        try:
+            untar(t, tmp_path / "inside")
+        except (ValueError, tarfile.TarError):
+            pass
+    assert not absolute.exists()

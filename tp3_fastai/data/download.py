@@ -83,6 +83,23 @@ def _single_folder(tmp: Path) -> Path:
     return entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp
 
 
+def untar(tar: tarfile.TarFile, folder: Path) -> None:
+    """Extract every member inside `folder`, refusing absolute paths, '..', links that point out of it and device
+    files (a ValueError): tarfile's 'data' filter where this Python has it (3.10.12, 3.11.4 and later), the same
+    checks made here before extracting on older patch releases (Debian 12's Python 3.11.2 among them)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(folder, filter="data")
+        return
+    root = folder.resolve()
+    for m in tar.getmembers():
+        target = (root / m.name).resolve()
+        link = (target.parent / m.linkname if m.issym() else root / m.linkname).resolve() if m.islnk() or m.issym() \
+            else target
+        if m.isdev() or not (target.is_relative_to(root) and link.is_relative_to(root)):
+            raise ValueError(f"archive member {m.name!r} would land outside the extraction folder or is a device")
+    tar.extractall(folder)
+
+
 def extract(archive: Path, dest: Path) -> Path:
     """Unpack `archive` into a temporary folder beside `dest` and rename it to `dest` (a ValueError if damaged)."""
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
@@ -93,7 +110,7 @@ def extract(archive: Path, dest: Path) -> Path:
                     z.extractall(tmp)
             else:
                 with tarfile.open(archive) as t:
-                    t.extractall(tmp, filter="data")  # refuses absolute paths, '..' and links out of the folder
+                    untar(t, tmp)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
             raise ValueError(f"{archive} is not a readable archive ({_why(e)})") from e
         try:
