@@ -292,18 +292,24 @@ def reseed_transforms(tfms: Sequence, seed: int) -> None:
             t.reseed(seed + k)
 
 
-class AffineWarp(Seeded, RandTransform):
-    """fastai's merged affine transform (flips, rotation, zoom, perspective warp) on the training split, drawn as
-    fastai draws it, in one grid_sample with fastai's padding, and no host read. For the 'pil' pipeline, whose crop
-    happens per image on the loader; the device pipelines fold it into their crop."""
-    split_idx, order = 0, 30
+class BatchAugment(Seeded, RandTransform):
+    """A batch augmentation of the training split drawn from its spec on the device: every batch goes through it
+    (its per-image probabilities are drawn inside, as fastai's merged transforms draw them)."""
+    split_idx = 0
 
-    def __init__(self, spec: AffineSpec):
+    def __init__(self, spec: AffineSpec | LightingSpec):
         super().__init__()
         self.spec = spec
 
     def before_call(self, b, split_idx: int | None) -> None:
         self.do = True
+
+
+class AffineWarp(BatchAugment):
+    """fastai's merged affine transform (flips, rotation, zoom, perspective warp) on the training split, drawn as
+    fastai draws it, in one grid_sample with fastai's padding, and no host read. For the 'pil' pipeline, whose crop
+    happens per image on the loader; the device pipelines fold it into their crop."""
+    order = 30
 
     def encodes(self, x: TensorImage) -> TensorImage:
         img = x.as_subclass(torch.Tensor)
@@ -317,17 +323,10 @@ class AffineWarp(Seeded, RandTransform):
         return TensorImage(out)
 
 
-class Lighting(Seeded, RandTransform):
+class Lighting(BatchAugment):
     """fastai's merged lighting transform (brightness, then contrast, in logit space: sigmoid(c * (logit(x) +
     logit(b)))) on the training split, drawn as fastai draws it, applied in one fused pass."""
-    split_idx, order = 0, 40
-
-    def __init__(self, spec: LightingSpec):
-        super().__init__()
-        self.spec = spec
-
-    def before_call(self, b, split_idx: int | None) -> None:
-        self.do = True
+    order = 40
 
     def encodes(self, x: TensorImage) -> TensorImage:
         img = x.as_subclass(torch.Tensor)
