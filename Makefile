@@ -19,7 +19,7 @@ demo: $(VENV)/.stamp-test
 	$(PY) scripts/run_all.py $(ARGS)
 
 test: $(VENV)/.stamp-test
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

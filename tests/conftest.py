@@ -51,6 +51,36 @@ def pytest_configure(config) -> None:
     # name (python, tp3, torchrun, the scripts' python3) are this interpreter's, as in a user's activated venv.
     config.tp3_real_path = os.environ.get("PATH", "")
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), config.tp3_real_path])
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers:  # the cores shared out: OpenMP threads waiting on each other's cores slow steps tenfold
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+GIB_PER_WORKER = 5  # the largest resident size a worker reached in a full run here was about 4 GiB
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (make test): a worker per core, as many as the memory holds."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory = 2 * GIB_PER_WORKER
+    return max(1, min(os.cpu_count() or 1, int(memory // GIB_PER_WORKER)))
+
+
+# The modules that take the longest (a minute or more on one core each, `--durations=0`), in that order. Under
+# `make test` (`-n auto --dist loadfile --no-loadscope-reorder`) each worker takes whole modules, the next one
+# when it is done: started first, the long ones cannot be left to one worker at the end while the others wait.
+LONGEST_FIRST = ("test_notebooks.py", "test_finetune_reliability.py", "test_online.py", "test_distributed.py",
+                 "test_gpu_check.py", "test_flags.py", "test_checkpoint.py", "test_pipeline.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a single process keeps the files' order
+        rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_unconfigure(config) -> None:

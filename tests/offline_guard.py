@@ -23,11 +23,16 @@ from pathlib import Path
 LOCAL_HOSTS = ("127.0.0.1", "::1", "localhost", "0.0.0.0")
 ENV = "TP3_OFFLINE_GUARD"
 HERE = Path(__file__).resolve()
-_installed = False
 
 
 class NetworkBlocked(OSError):
     """A test tried to reach an address outside this machine."""
+
+
+# One hook and one error class per process: a guarded Python child that imports this file again (a pytest-xdist
+# worker, whose conftest guards its session too) keeps the hook installed at its start-up, and the class that hook
+# raises is the one its tests name as offline_guard.NetworkBlocked.
+NetworkBlocked = getattr(sys, "tp3_offline_guard", None) or NetworkBlocked
 
 
 def _check(host: object) -> None:
@@ -81,10 +86,9 @@ def _hook(event: str, args: tuple) -> None:
 
 def install() -> None:
     """Install the audit hook in this process (once; an audit hook stays for the life of the process)."""
-    global _installed
-    if not _installed:
+    if getattr(sys, "tp3_offline_guard", None) is None:
+        sys.tp3_offline_guard = NetworkBlocked
         sys.addaudithook(_hook)
-        _installed = True
 
 
 def pth_file() -> Path:
@@ -119,6 +123,5 @@ def remove_stale() -> None:
             f.unlink(missing_ok=True)
 
 
-if __name__ == "tp3_offline_guard_child" and not getattr(sys, "tp3_offline_guard", False):
-    sys.tp3_offline_guard = True  # several guarded runs at once each leave a .pth file: install once
-    install()
+if __name__ == "tp3_offline_guard_child":
+    install()  # once, though several guarded runs at once each leave a .pth file

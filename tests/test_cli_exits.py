@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TP3 = str(Path(sys.executable).parent / "tp3")
 
@@ -35,14 +37,25 @@ def test_ctrl_c_exits_130_and_keeps_what_finished(tmp_path):
     assert rows[0].startswith("epoch") and 3 <= len(rows) < 21  # the finished epochs, not all 20
 
 
-def test_a_gpu_this_machine_lacks_is_refused_before_any_work(tmp_path):
-    for cmd in (["mnist", "--epochs", "1"], ["finetune", "--epochs", "2"], ["bench", "--quick"]):
+NO_GPU = "error: device 'cuda' was asked for but this machine has no CUDA GPU: use --device cpu (or auto)"
+
+
+def test_a_gpu_this_machine_lacks_is_refused_before_any_work(tmp_path, capsys):
+    """Through `tp3` in a process of its own for one command, in this process for the others (same code path,
+    without another start-up of torch and fastai)."""
+    from tp3_fastai.cli import main as tp3
+
+    out = tmp_path / "mnist"
+    t = time.monotonic()
+    p = subprocess.run([TP3, "mnist", "--epochs", "1", "--device", "cuda", "--out", str(out)], capture_output=True,
+                       text=True, env=_env(), timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == NO_GPU, p.stderr[-2000:]
+    assert not out.exists(), "mnist made a run folder before refusing the device"
+    assert time.monotonic() - t < 60
+    for cmd in (["finetune", "--epochs", "2"], ["bench", "--quick"]):
         out = tmp_path / cmd[0]
-        t = time.monotonic()
-        p = subprocess.run([TP3, *cmd, "--device", "cuda", "--out", str(out)], capture_output=True, text=True,
-                           env=_env(), timeout=120)
-        assert p.returncode == 2, (cmd, p.stderr[-2000:])
-        assert p.stderr.strip().splitlines()[-1] == ("error: device 'cuda' was asked for but this machine has no "
-                                                    "CUDA GPU: use --device cpu (or auto)"), (cmd, p.stderr)
+        with pytest.raises(SystemExit) as e:
+            tp3([*cmd, "--device", "cuda", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.strip().splitlines()[-1] == NO_GPU, (cmd, err)
         assert not out.exists(), f"{cmd[0]} made a run folder before refusing the device"
-        assert time.monotonic() - t < 60

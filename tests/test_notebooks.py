@@ -22,7 +22,7 @@ def test_the_four_notebooks_are_there_each_with_a_parameters_cell():
 # Smaller runs for the suite, injected after the notebook's "parameters" cell as papermill does: every cell still
 # runs, on less work (the functions behind them are tested at full size in their own test modules)
 SMALLER = {"00": "MNIST_EPOCHS = 1\nPRETRAIN_EPOCHS = 1",
-           "02": "KS = (5,)\nSIZE = 32\nTARGET_EPOCHS = 5\nPRETRAIN_EPOCHS = 1"}
+           "02": "KS = (5,)\nSIZE = 32\nTARGET_EPOCHS = 2\nPRETRAIN_EPOCHS = 1"}
 
 
 def with_parameters(nb: nbformat.NotebookNode, source: str) -> nbformat.NotebookNode:
