@@ -58,7 +58,7 @@ def pytest_configure(config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
-GIB_PER_WORKER = 5  # the largest resident size a worker reached in a full run here was about 4 GiB
+GIB_PER_WORKER = 5  # a worker was seen at 4 GiB resident (ps, during a full run here)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
