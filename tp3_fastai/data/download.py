@@ -93,9 +93,9 @@ def untar(tar: tarfile.TarFile, folder: Path) -> None:
     root = folder.resolve()
     for m in tar.getmembers():
         target = (root / m.name).resolve()
-        link = (target.parent / m.linkname if m.issym() else root / m.linkname).resolve() if m.islnk() or m.issym() \
-            else target
-        if m.isdev() or not (target.is_relative_to(root) and link.is_relative_to(root)):
+        # a symbolic link's target is relative to the link's folder, a hard link's to the archive's root
+        points_to = [(target.parent if m.issym() else root) / m.linkname] if m.issym() or m.islnk() else []
+        if m.isdev() or not all(p.resolve().is_relative_to(root) for p in [target, *points_to]):
             raise ValueError(f"archive member {m.name!r} would land outside the extraction folder or is a device")
     tar.extractall(folder)
 
